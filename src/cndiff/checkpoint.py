@@ -1,0 +1,477 @@
+"""Open any checkpoint lazily: list keys, shapes and dtypes, read a tensor or a slice of it.
+
+Supported containers:
+
+* safetensors (``.safetensors``);
+* torch's zip format (``torch.save`` since 1.6: ``.pth``, ``.ckpt``, ``.pt``);
+* torch's legacy format (before 1.6).
+
+Opening a file reads only its index (safetensors header or the pickle, through the
+restricted unpickler, which never runs code). Tensor bytes are read on demand, straight
+from their offsets in the file, so a 5.7 GB ControlNet costs a few hundred kilobytes to
+open and only the bytes of the tensors actually read. A ``{"state_dict": {...}}`` wrapper
+is unwrapped. Tensors saved from CUDA are described (and read) like any other.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .dtypes import DType, by_safetensors
+from .errors import CheckpointError
+from .unpickle import Opaque, StorageRef, TensorRef, restricted_load, storage_from_pid
+
+__all__ = ["TensorInfo", "Checkpoint", "open_checkpoint"]
+
+# A safetensors header larger than this is refused (the format's own reader uses 100 MB).
+MAX_HEADER_BYTES = 100_000_000
+# The pickle of a state dict is small (about 200 KB for SD1.5); cap what we unpickle.
+MAX_PICKLE_BYTES = 256 * 1024 * 1024
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a checkpoint file and what it looks like."""
+
+    key: str
+    dtype: DType
+    shape: tuple[int, ...]
+    #: byte offset of element 0 in the file
+    offset: int
+    #: for a non-contiguous torch view: element strides; None when the data is contiguous
+    stride: tuple[int, ...] | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides = []
+    acc = 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(strides))
+
+
+@dataclass
+class Checkpoint:
+    """An open checkpoint file. Use :func:`open_checkpoint`; close it (or use ``with``).
+
+    ``tensors`` maps every tensor key of the (unwrapped) state dict to its
+    :class:`TensorInfo`, in the order the file lists them. ``wrapped`` says whether the
+    state dict sat under a ``"state_dict"`` key. ``metadata`` holds the safetensors
+    ``__metadata__`` (empty for torch files) and ``extras`` the names of top-level entries
+    beside the state dict (``epoch``, ``callbacks``...).
+    """
+
+    path: Path
+    format: str
+    size: int
+    tensors: dict[str, TensorInfo]
+    wrapped: bool = False
+    metadata: dict[str, str] = field(default_factory=dict)
+    extras: list[str] = field(default_factory=list)
+    _fd: int = -1
+    bytes_read: int = 0
+    reads: int = 0
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file. Safe to call twice."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.tensors
+
+    def keys(self) -> list[str]:
+        """Tensor keys, in file order."""
+        return list(self.tensors)
+
+    def info(self, key: str) -> TensorInfo:
+        try:
+            return self.tensors[key]
+        except KeyError:
+            raise CheckpointError(f"{self.path.name} has no tensor {key!r}") from None
+
+    # -- reading -----------------------------------------------------------------------
+    def _pread_into(self, buf: memoryview, offset: int) -> None:
+        if self._fd < 0:
+            raise CheckpointError(f"{self.path.name} is closed")
+        done = 0
+        total = len(buf)
+        while done < total:
+            n = os.preadv(self._fd, [buf[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(
+                    f"{self.path.name} ended early while reading (it shrank or changed on "
+                    "disk?): check the file and run again"
+                )
+            done += n
+        self.bytes_read += total
+        self.reads += 1
+
+    def read_into(self, key: str, out: np.ndarray, start: int = 0) -> np.ndarray:
+        """Read elements ``[start, start + out.size)`` of tensor ``key`` (flattened, in
+        row-major order) into the 1-D array ``out``, whose dtype must be the stored one's
+        ``DType.numpy``. Returns ``out``."""
+        info = self.info(key)
+        count = out.size
+        if out.dtype != info.dtype.numpy or out.ndim != 1 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a 1-D contiguous array of {info.dtype.numpy}")
+        if start < 0 or start + count > info.numel:
+            raise ValueError(f"slice [{start}, {start + count}) is outside {key} ({info.numel})")
+        if count == 0:
+            return out
+        if info.stride is not None:
+            out[:] = self.read(key).reshape(-1)[start : start + count]
+            return out
+        self._pread_into(memoryview(out.view(np.uint8)), info.offset + start * info.itemsize)
+        return out
+
+    def read(self, key: str, start: int = 0, count: int | None = None) -> np.ndarray:
+        """Read tensor ``key`` as a numpy array (or elements ``[start, start+count)`` of it,
+        flattened). Without ``start``/``count`` the result has the tensor's shape.
+
+        bfloat16 and float8 tensors come back as their raw bits (uint16/uint8); use
+        :func:`cndiff.engine.to_float32` or :meth:`read_torch` for values.
+        """
+        info = self.info(key)
+        whole = start == 0 and count is None
+        n = info.numel - start if count is None else count
+        if info.stride is not None:
+            full = self._read_strided(info)
+            return full if whole else full.reshape(-1)[start : start + n].copy()
+        out = np.empty(n, dtype=info.dtype.numpy)
+        self.read_into(key, out, start)
+        return out.reshape(info.shape) if whole else out
+
+    def read_torch(self, key: str):  # -> torch.Tensor; imports torch
+        """Read tensor ``key`` as a ``torch.Tensor`` of its stored dtype and shape."""
+        import torch
+
+        info = self.info(key)
+        arr = self.read(key)
+        t = torch.from_numpy(np.ascontiguousarray(arr).reshape(-1))
+        if info.dtype.raw:
+            t = t.view(info.dtype.to_torch())
+        return t.reshape(info.shape)
+
+    def _read_strided(self, info: TensorInfo) -> np.ndarray:
+        assert info.stride is not None
+        span = 1 + sum((d - 1) * s for d, s in zip(info.shape, info.stride)) if info.numel else 0
+        raw = np.empty(span, dtype=info.dtype.numpy)
+        if span:
+            self._pread_into(memoryview(raw.view(np.uint8)), info.offset)
+        strides = tuple(s * info.itemsize for s in info.stride)
+        return np.lib.stride_tricks.as_strided(raw, info.shape, strides).copy()
+
+
+# -- opening -------------------------------------------------------------------------------
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a checkpoint lazily and describe its tensors.
+
+    Raises :class:`~cndiff.errors.CheckpointError` (with a message that says what to do)
+    when the path is missing, is a folder, or is not a readable checkpoint, and
+    :class:`~cndiff.errors.UnsafeCheckpointError` when its pickle would run code.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file; check the path")
+    if p.is_dir():
+        raise CheckpointError(f"{p} is a folder, not a checkpoint file; name the file itself")
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except PermissionError:
+        raise CheckpointError(f"{p}: permission denied; check the file's permissions") from None
+    except OSError as exc:
+        raise CheckpointError(f"{p}: cannot open ({exc.strerror})") from None
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 16, 0)
+        if head[:4] == b"PK\x03\x04":
+            ckpt = _open_torch_zip(p, fd, size)
+        elif _looks_like_safetensors(head, size):
+            ckpt = _open_safetensors(p, fd, size)
+        elif head[:1] == b"\x80":
+            ckpt = _open_torch_legacy(p, fd, size)
+        elif size == 0:
+            raise CheckpointError(f"{p.name} is empty (0 bytes): download it again")
+        else:
+            raise CheckpointError(
+                f"{p.name} is not a checkpoint (neither safetensors nor a torch file); "
+                "check that you named the right file"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return ckpt
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return n > 0 and head[8:9] == b"{"
+
+
+def _open_safetensors(p: Path, fd: int, size: int) -> Checkpoint:
+    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{p.name}: safetensors header claims {n} bytes; the file is corrupt")
+    if 8 + n > size:
+        raise CheckpointError(
+            f"{p.name} is truncated: its safetensors header needs {8 + n} bytes but the file has "
+            f"{size}; download it again"
+        )
+    raw = os.pread(fd, n, 8)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{p.name}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{p.name}: corrupt safetensors header (not a JSON object)")
+    data_start = 8 + n
+    metadata_raw = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata_raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata_raw.items()
+    ):
+        raise CheckpointError(
+            f"{p.name}: corrupt safetensors header (__metadata__ must map str to str)"
+        )
+    tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    for key, entry in header.items():
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{p.name}: corrupt safetensors header entry for {key!r}")
+        code, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        dtype = by_safetensors(code) if isinstance(code, str) else None
+        if dtype is None:
+            raise CheckpointError(f"{p.name}: tensor {key!r} has unknown dtype {code!r}")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise CheckpointError(f"{p.name}: tensor {key!r} has invalid shape {shape!r:.80}")
+        if (
+            not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+            or not 0 <= offs[0] <= offs[1]
+        ):
+            raise CheckpointError(f"{p.name}: tensor {key!r} has invalid data_offsets {offs!r:.80}")
+        info = TensorInfo(key, dtype, tuple(shape), data_start + offs[0])
+        if offs[1] - offs[0] != info.nbytes:
+            raise CheckpointError(
+                f"{p.name}: tensor {key!r} of shape {shape} and dtype {code} needs {info.nbytes} "
+                f"bytes but its data_offsets span {offs[1] - offs[0]}; the file is corrupt"
+            )
+        if data_start + offs[1] > size:
+            raise CheckpointError(
+                f"{p.name} is truncated: tensor {key!r} ends at byte {data_start + offs[1]} but "
+                f"the file has {size}; download it again"
+            )
+        tensors[key] = info
+        spans.append((offs[0], offs[1], key))
+    spans.sort()
+    for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
+        if b1 < e0 and e1 > b1 and e0 > b0:
+            raise CheckpointError(
+                f"{p.name}: tensors {k0!r} and {k1!r} overlap; the file is corrupt"
+            )
+    # Present tensors in file order, as a reader streaming the file sees them.
+    ordered = {k: tensors[k] for _, _, k in spans}
+    return Checkpoint(p, "safetensors", size, ordered, False, dict(metadata_raw), [], fd)
+
+
+def _unwrap(p: Path, obj: Any, refs_to_info) -> tuple[dict[str, TensorInfo], bool, list[str]]:
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"{p.name} holds a pickled {type(obj).__name__}, not a state dict of tensors"
+        )
+    wrapped = isinstance(obj.get("state_dict"), dict)
+    sd = obj["state_dict"] if wrapped else obj
+    extras = [str(k) for k in obj if k != "state_dict"] if wrapped else []
+    tensors: dict[str, TensorInfo] = {}
+    for key, value in sd.items():
+        if isinstance(value, TensorRef):
+            if not isinstance(key, str):
+                raise CheckpointError(f"{p.name}: a tensor key is not a string ({key!r:.40})")
+            tensors[key] = refs_to_info(key, value)
+        elif not wrapped and not isinstance(value, (int, float, str, Opaque, type(None))):
+            extras.append(str(key))
+    return tensors, wrapped, extras
+
+
+def _tensor_info(key: str, ref: TensorRef, storage_offset: int) -> TensorInfo:
+    itemsize = ref.storage.dtype.itemsize
+    contiguous = ref.stride == _contiguous_strides(ref.shape) or 0 in ref.shape
+    return TensorInfo(
+        key,
+        ref.storage.dtype,
+        ref.shape,
+        storage_offset + ref.offset * itemsize,
+        None if contiguous else ref.stride,
+    )
+
+
+def _open_torch_zip(p: Path, fd: int, size: int) -> Checkpoint:
+    f = os.fdopen(os.dup(fd), "rb")
+    try:
+        try:
+            zf = zipfile.ZipFile(f)
+            infos = zf.infolist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            raise CheckpointError(
+                f"{p.name} is truncated or corrupt (not a readable zip archive: {exc}); "
+                "download it again"
+            ) from None
+        by_name = {i.filename: i for i in infos}
+        pkl = [n for n in by_name if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pkl) != 1:
+            raise CheckpointError(f"{p.name} is a zip archive but not a torch checkpoint")
+        prefix = pkl[0][: -len("data.pkl")]
+        byteorder = by_name.get(prefix + "byteorder")
+        if byteorder is not None and zf.read(byteorder).strip() not in (b"little", b""):
+            raise CheckpointError(f"{p.name} was saved big-endian; cndiff reads little-endian only")
+        pinfo = by_name[pkl[0]]
+        if pinfo.file_size > MAX_PICKLE_BYTES:
+            raise CheckpointError(f"{p.name}: its pickle is {pinfo.file_size} bytes; refusing")
+        try:
+            data = zf.read(pinfo)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            raise CheckpointError(f"{p.name} is corrupt ({exc}); download it again") from None
+
+        storages: dict[str, StorageRef] = {}
+
+        def storage(pid: tuple) -> StorageRef:
+            ref = storage_from_pid(pid)
+            storages.setdefault(ref.key, ref)
+            return ref
+
+        obj = restricted_load(io.BytesIO(data), storage)
+        starts: dict[str, int] = {}
+        sizes: dict[str, int] = {}
+        for key in storages:
+            member = by_name.get(f"{prefix}data/{key}")
+            if member is None:
+                raise CheckpointError(
+                    f"{p.name} is corrupt: storage {key!r} is missing from the archive"
+                )
+            if member.compress_type != zipfile.ZIP_STORED:
+                raise CheckpointError(f"{p.name}: storage {key!r} is compressed; not supported")
+            starts[key] = _zip_data_start(p, fd, member, size)
+            sizes[key] = member.file_size
+        f.close()
+
+        def to_info(key: str, ref: TensorRef) -> TensorInfo:
+            if ref.storage.key not in starts:
+                raise CheckpointError(f"{p.name} is corrupt: unknown storage {ref.storage.key!r}")
+            have = sizes[ref.storage.key]
+            need = ref.storage.numel * ref.storage.dtype.itemsize
+            if need > have:
+                raise CheckpointError(
+                    f"{p.name} is corrupt: storage {ref.storage.key!r} of tensor {key!r} claims "
+                    f"{need} bytes but the archive holds {have}"
+                )
+            return _tensor_info(key, ref, starts[ref.storage.key])
+
+        tensors, wrapped, extras = _unwrap(p, obj, to_info)
+    finally:
+        f.close()
+    return Checkpoint(p, "torch-zip", size, tensors, wrapped, {}, extras, fd)
+
+
+def _zip_data_start(p: Path, fd: int, member: zipfile.ZipInfo, size: int) -> int:
+    hdr = os.pread(fd, 30, member.header_offset)
+    if len(hdr) < 30 or hdr[:4] != b"PK\x03\x04":
+        raise CheckpointError(f"{p.name} is corrupt: bad zip entry for {member.filename}")
+    name_len, extra_len = struct.unpack("<HH", hdr[26:30])
+    start = member.header_offset + 30 + name_len + extra_len
+    if start + member.file_size > size:
+        raise CheckpointError(
+            f"{p.name} is truncated: {member.filename} ends at byte {start + member.file_size} "
+            f"but the file has {size}; download it again"
+        )
+    return start
+
+
+def _open_torch_legacy(p: Path, fd: int, size: int) -> Checkpoint:
+    f = os.fdopen(os.dup(fd), "rb")
+    try:
+        stream = io.BufferedReader(f)
+        magic = restricted_load(stream)
+        if magic != _LEGACY_MAGIC:
+            raise CheckpointError(
+                f"{p.name} is a bare pickle, not a torch checkpoint; refusing to load it"
+            )
+        restricted_load(stream)  # protocol version
+        restricted_load(stream)  # sys info
+        storages: dict[str, StorageRef] = {}
+
+        def storage(pid: tuple) -> StorageRef:
+            ref = storage_from_pid(pid)
+            if len(pid) > 5 and pid[5] is not None:
+                raise CheckpointError(f"{p.name}: legacy storage views are not supported")
+            storages.setdefault(ref.key, ref)
+            return ref
+
+        obj = restricted_load(stream, storage)
+        keys = restricted_load(stream)
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise CheckpointError(f"{p.name} is corrupt: bad storage key list")
+        pos = stream.tell()
+        starts: dict[str, int] = {}
+        for key in keys:
+            head = os.pread(fd, 8, pos)
+            if len(head) < 8:
+                raise CheckpointError(f"{p.name} is truncated; download it again")
+            (numel,) = struct.unpack("<q", head)
+            ref = storages.get(key)
+            if ref is None or numel != ref.numel:
+                raise CheckpointError(f"{p.name} is corrupt: storage {key!r} does not match")
+            starts[key] = pos + 8
+            pos += 8 + numel * ref.dtype.itemsize
+            if pos > size:
+                raise CheckpointError(f"{p.name} is truncated; download it again")
+
+        def to_info(key: str, ref: TensorRef) -> TensorInfo:
+            if ref.storage.key not in starts:
+                raise CheckpointError(f"{p.name} is corrupt: storage {ref.storage.key!r} missing")
+            return _tensor_info(key, ref, starts[ref.storage.key])
+
+        tensors, wrapped, extras = _unwrap(p, obj, to_info)
+    finally:
+        f.close()
+    return Checkpoint(p, "torch-legacy", size, tensors, wrapped, {}, extras, fd)

@@ -1,0 +1,151 @@
+"""The ``cndiff`` command line. It parses arguments and calls the library, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import CndiffError
+
+log = logging.getLogger("cndiff")
+
+_EPILOG = """\
+examples:
+  cndiff extract control_sd15_canny.pth v1-5-pruned.ckpt
+  cndiff extract control_sd15_canny.pth --base self -o diffs/
+  cndiff demo
+"""
+
+_BASE_HELP = (
+    "the SD checkpoint the ControlNet was built on (.ckpt/.pth/.safetensors), or 'self' to "
+    "use the SD1.5 UNet copy every original control_sd15_*.pth embeds "
+    "(model.diffusion_model.*: the non-EMA weights of v1-5-pruned.ckpt, which the "
+    "ControlNets were trained from; a diff taken against v1-5-pruned-emaonly differs from "
+    "it by the EMA offset)"
+)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
+                   help="output dtype (default: fp16)")  # fmt: skip
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available), cpu or cuda (default: auto)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
+    p.add_argument("--chunk-mb", type=float, default=4.0, metavar="MB",
+                   help="float32 megabytes per chunk; bounds memory (default: 4)")  # fmt: skip
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="compute threads (default: min(4, CPUs))")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cndiff",
+        description="Turn original ControlNet checkpoints into small difference models.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"cndiff {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    ex = sub.add_parser(
+        "extract",
+        help="write the difference model of a ControlNet checkpoint",
+        description="Write control - base for every control_model.* tensor as a difference "
+        "model (diff_<name>_<dtype>.safetensors beside the control file unless -o).",
+    )
+    ex.add_argument("control", help="original ControlNet checkpoint (control_sd15_*.pth)")
+    ex.add_argument("base", nargs="?", help=_BASE_HELP)
+    ex.add_argument("--base", dest="base_opt", metavar="BASE", help="same as the positional")
+    ex.add_argument("-o", "--out", help="output file, or an existing folder")
+    ex.add_argument("--drop-unchanged", action="store_true",
+                    help="leave out keys equal to the base (as the original script does; "
+                    "loaders then rebuild them wrongly)")  # fmt: skip
+    _add_common(ex)
+
+    demo = sub.add_parser("demo", help="extract a built-in synthetic pair (no models needed)")
+    demo.add_argument("folder", nargs="?", default="cndiff-demo",
+                      help="where to write the demo files (default: ./cndiff-demo)")  # fmt: skip
+    _add_common(demo)
+    return parser
+
+
+def _setup_logging(quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("cndiff")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from .api import extract
+
+    base = args.base_opt or args.base
+    if base is None:
+        raise CndiffError("name the SD base checkpoint (or --base self)")
+    if args.base_opt and args.base:
+        raise CndiffError("give the base once: positional or --base, not both")
+    result = extract(
+        args.control,
+        base,
+        args.out,
+        dtype=args.dtype,
+        device=args.device,
+        overwrite=args.overwrite,
+        drop_unchanged=args.drop_unchanged,
+        chunk_mb=args.chunk_mb,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    print(result)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .api import extract
+    from .synthetic import make_pair, tiny
+
+    folder = Path(args.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    control, base = make_pair(folder, tiny())
+    print(f"synthetic pair: {control} ({control.stat().st_size:,} B), "
+          f"{base} ({base.stat().st_size:,} B)")  # fmt: skip
+    result = extract(control, base, folder, dtype=args.dtype, device=args.device,
+                     overwrite=True, progress=not args.quiet)  # fmt: skip
+    print(result)
+    return 0
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _setup_logging(getattr(args, "quiet", False))
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return {"extract": _cmd_extract, "demo": _cmd_demo}[args.command](args)
+    except CndiffError as exc:
+        print(f"cndiff: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("cndiff: interrupted; no output written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
