@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,16 +128,28 @@ def _metadata(
     }
 
 
-def _progress(total: int, desc: str, enabled: bool):
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool, unit: str = "B"):
+    """A tqdm bar on stderr (a no-op without ``enabled``); use as a context manager."""
     if not enabled:
-        return None
+        return _NoBar()
     from tqdm import tqdm
 
     return tqdm(
         total=total,
         desc=desc,
-        unit="B",
-        unit_scale=True,
+        unit=unit,
+        unit_scale=unit == "B",
         unit_divisor=1024,
         file=sys.stderr,
         dynamic_ncols=True,
@@ -197,109 +211,208 @@ def extract(
     t0 = time.perf_counter()
     dt = _out_dtype(dtype)
     dev = resolve_device(device)
-    ctl = open_checkpoint(control)
-    try:
-        require_control_keys(ctl.tensors, ctl.path.name)
-        bse, prefix = open_base(base, ctl)
-        try:
-            return _extract(ctl, bse, prefix, out, dt, dev, overwrite, drop_unchanged,
-                            chunk_mb, workers, hash, progress, t0)  # fmt: skip
-        finally:
-            if bse is not ctl:
-                bse.close()
-    finally:
-        ctl.close()
+    with ExitStack() as stack:
+        job = _prepare(Path(control), base, out, dt, overwrite, stack, skip_complete=False)
+        _execute([job], dt, dev, drop_unchanged, chunk_mb, workers, hash, progress, t0,
+                 isolate=False)  # fmt: skip
+        assert job.result is not None
+        return job.result
 
 
-def _extract(
-    ctl: Checkpoint,
-    bse: Checkpoint,
-    prefix: str,
+@dataclass
+class _Job:
+    """One control file on its way to an output file."""
+
+    control_path: Path
+    ctl: Checkpoint
+    base: Checkpoint
+    base_is_self: bool
+    plan: list[PlanItem]
+    target: Path
+    stream: Stream | None = None
+    writer: SafetensorsWriter | None = None
+    dropped: list[str] = field(default_factory=list)
+    result: ExtractResult | None = None
+    error: BaseException | None = None
+
+
+def _open_base_cached(
+    base: str | os.PathLike[str] | Checkpoint, ctl: Checkpoint, stack: ExitStack
+) -> tuple[Checkpoint, str, bool]:
+    if isinstance(base, Checkpoint):
+        return base, unet_prefix(base.tensors), False
+    if str(base) == "self":
+        b, prefix = open_base("self", ctl)
+        return b, prefix, True
+    b, prefix = open_base(base, ctl)
+    stack.callback(b.close)
+    return b, prefix, False
+
+
+def _prepare(
+    control: Path,
+    base: str | os.PathLike[str] | Checkpoint,
     out: str | os.PathLike[str] | None,
     dt: DType,
-    dev: str,
     overwrite: bool,
+    stack: ExitStack,
+    *,
+    skip_complete: bool,
+) -> _Job:
+    """Open and check one control file against the base; decide its output path.
+
+    Raises :class:`_Skip` for a complete existing output when ``skip_complete``."""
+    ctl = open_checkpoint(control)
+    stack.callback(ctl.close)
+    require_control_keys(ctl.tensors, ctl.path.name)
+    bse, prefix, is_self = _open_base_cached(base, ctl, stack)
+    plan = plan_diff(
+        ctl.tensors,
+        bse.tensors,
+        control_name=ctl.path.name,
+        base_name="the embedded UNet" if is_self else bse.path.name,
+        base_prefix=prefix,
+    )
+    target = resolve_output(ctl.path, out, dt)
+    remove_stale_temp_files(target)
+    if target.exists() and not overwrite:
+        if skip_complete and is_complete_difference(target):
+            raise _Skip(target)
+        raise OutputExistsError(f"{target} exists; pass --overwrite to replace it")
+    return _Job(control, ctl, bse, is_self, plan, target)
+
+
+class _Skip(Exception):
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+
+def is_complete_difference(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a whole difference model: its safetensors header parses, the
+    file is exactly as long as the header says, and the ``difference`` key is there."""
+    try:
+        with open_checkpoint(path) as ck:
+            if ck.format != "safetensors" or DIFFERENCE_KEY not in ck.tensors:
+                return False
+            end = max((t.offset + t.nbytes for t in ck.tensors.values()), default=0)
+            return end == ck.size
+    except CndiffError:
+        return False
+
+
+def _execute(
+    jobs: list[_Job],
+    dt: DType,
+    dev: str,
     drop_unchanged: bool,
     chunk_mb: float,
     workers: int | None,
     hash: bool,
     progress: bool,
     t0: float,
-) -> ExtractResult:
-    base_is_self = bse is ctl
-    plan = plan_diff(
-        ctl.tensors,
-        bse.tensors,
-        control_name=ctl.path.name,
-        base_name="the embedded UNet" if base_is_self else bse.path.name,
-        base_prefix=prefix,
-    )
-    target = resolve_output(ctl.path, out, dt)
-    if target.exists() and not overwrite:
-        raise OutputExistsError(f"{target} exists; pass --overwrite to replace it")
-    remove_stale_temp_files(target)
-    total = sum(ctl.info(i.control_key).nbytes for i in plan)
-
-    dropped: list[str] = []
-    max_abs: dict[str, float] = {}
+    *,
+    isolate: bool,
+    on_result: Callable[[_Job], None] | None = None,
+) -> None:
+    """Run the jobs together (a shared base is read once) and commit each output as soon
+    as its last chunk is written. With ``isolate``, a failing job records its error in
+    ``job.error`` and the others go on; otherwise the error is raised."""
+    label = jobs[0].ctl.path.name if len(jobs) == 1 else f"{len(jobs)} models"
     if drop_unchanged:
         # The header comes first, so find the keys to drop before writing anything.
-        subtracted = [i for i in plan if i.base_key is not None]
-        probe = Stream(subtracted, ctl, bse, dt)
-        bar = _progress(sum(ctl.info(i.control_key).nbytes for i in subtracted), "scan", progress)
-        run_streams([probe], chunk_mb=chunk_mb, workers=workers, device=dev,
-                    on_chunk=bar.update if bar else None)  # fmt: skip
-        if bar:
-            bar.close()
-        max_abs = probe.max_abs
-        dropped = [k for k, m in max_abs.items() if m < UNCHANGED_TOL]
-        drop = set(dropped)
-        plan = [i for i in plan if i.key not in drop]
-        total = sum(ctl.info(i.control_key).nbytes for i in plan)
+        probes = []
+        for job in jobs:
+            subtracted = [i for i in job.plan if i.base_key is not None]
+            job.stream = Stream(subtracted, job.ctl, job.base, dt)
+            probes.append(job.stream)
+        total = sum(job.ctl.info(i.control_key).nbytes for p in probes for i in p.items)
+        with _progress(total, "scan " + label, progress) as bar:
+            run_streams(probes, chunk_mb=chunk_mb, workers=workers, device=dev,
+                        on_chunk=bar.update, isolate=isolate)  # fmt: skip
+        for job in jobs:
+            assert job.stream is not None
+            job.error = job.stream.error
+            job.dropped = [k for k, m in job.stream.max_abs.items() if m < UNCHANGED_TOL]
+            drop = set(job.dropped)
+            job.plan = [i for i in job.plan if i.key not in drop]
+    live = [j for j in jobs if j.error is None]
+    by_stream: dict[int, _Job] = {}
+    with ExitStack() as writers:
+        for job in live:
+            entries = [OutputEntry(i.key, dt, i.shape) for i in job.plan]
+            entries.append(OutputEntry(DIFFERENCE_KEY, dt, ()))
+            meta = _metadata(job.ctl, job.base, job.base_is_self, dt, job.dropped)
+            w = SafetensorsWriter(job.target, entries, meta, overwrite=True, hash=hash)
+            w.overwrite = job.target.exists()  # checked in _prepare; refuse a newcomer
+            writers.enter_context(w)
+            job.writer = w
 
-    entries = [OutputEntry(i.key, dt, i.shape) for i in plan]
-    entries.append(OutputEntry(DIFFERENCE_KEY, dt, ()))
-    meta = _metadata(ctl, bse, base_is_self, dt, dropped)
-    bar = _progress(total, ctl.path.name, progress)
-    with SafetensorsWriter(target, entries, meta, overwrite=overwrite, hash=hash) as w:
+            def sink(item: PlanItem, data, w: SafetensorsWriter = w) -> None:
+                w.write(data)
 
-        def sink(item: PlanItem, data) -> None:
-            w.write(data)
+            job.stream = Stream(job.plan, job.ctl, job.base, dt, sink, on_done=None)
+            by_stream[id(job.stream)] = job
 
-        stream = Stream(plan, ctl, bse, dt, sink)
-        try:
-            run_streams([stream], chunk_mb=chunk_mb, workers=workers, device=dev,
-                        on_chunk=bar.update if bar else None)  # fmt: skip
-        finally:
-            if bar:
-                bar.close()
-        w.write(_difference_marker(dt))
-        w.commit()
-    if not drop_unchanged:
-        max_abs = stream.max_abs
-    unchanged = [k for k, m in max_abs.items() if m < UNCHANGED_TOL]
+        def done(stream: Stream) -> None:
+            job = by_stream[id(stream)]
+            try:
+                assert job.writer is not None
+                job.writer.write(_difference_marker(dt))
+                job.writer.commit()
+            except CndiffError as exc:
+                if not isolate:
+                    raise
+                job.error = exc
+                return
+            job.result = _result(job, dt, dev, time.perf_counter() - t0, drop_unchanged)
+            if on_result is not None:
+                on_result(job)
+
+        streams = [j.stream for j in live if j.stream is not None]
+        for st in streams:
+            st.on_done = done
+        total = sum(j.ctl.info(i.control_key).nbytes for j in live for i in j.plan)
+        with _progress(total, label, progress) as bar:
+            run_streams(streams, chunk_mb=chunk_mb, workers=workers, device=dev,
+                        on_chunk=bar.update, isolate=isolate)  # fmt: skip
+        for job in live:
+            if job.error is None and job.stream is not None and job.stream.error is not None:
+                job.error = job.stream.error
+            if job.error is None and job.result is None:
+                # a plan with no tensors at all never reaches on_done
+                done(job.stream)  # type: ignore[arg-type]
+
+
+def _result(job: _Job, dt: DType, dev: str, seconds: float, drop_unchanged: bool) -> ExtractResult:
+    assert job.writer is not None and job.stream is not None
+    max_abs = job.stream.max_abs
+    unchanged = job.dropped if drop_unchanged else [
+        k for k, m in max_abs.items() if m < UNCHANGED_TOL
+    ]  # fmt: skip
     if unchanged and not drop_unchanged:
         log.warning(
-            "%d key(s) equal the base (max |control - base| < 1e-6), kept as zeros so loaders "
-            "rebuild them correctly: %s",
+            "%s: %d key(s) equal the base (max |control - base| < 1e-6), kept as zeros so "
+            "loaders rebuild them correctly: %s",
+            job.ctl.path.name,
             len(unchanged),
             ", ".join(unchanged),
         )
-    elif dropped:
-        log.warning("dropped %d unchanged key(s): %s", len(dropped), ", ".join(dropped))
-    n_sub = sum(1 for i in plan if i.base_key is not None)
+    elif job.dropped:
+        log.warning("%s: dropped %d unchanged key(s): %s", job.ctl.path.name,
+                    len(job.dropped), ", ".join(job.dropped))  # fmt: skip
+    n_sub = sum(1 for i in job.plan if i.base_key is not None)
     return ExtractResult(
-        output=target,
-        keys_written=len(entries),
+        output=job.target,
+        keys_written=len(job.plan) + 1,
         subtracted=n_sub,
-        copied=len(plan) - n_sub,
+        copied=len(job.plan) - n_sub,
         dtype=dt.name,
         device=dev,
-        bytes=w.size,
-        seconds=time.perf_counter() - t0,
+        bytes=job.writer.size,
+        seconds=seconds,
         unchanged=unchanged,
-        dropped=dropped,
-        sha256=w.sha256,
+        dropped=job.dropped,
+        sha256=job.writer.sha256,
     )
 
 

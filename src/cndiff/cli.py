@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ _EPILOG = """\
 examples:
   cndiff extract control_sd15_canny.pth v1-5-pruned.ckpt
   cndiff extract control_sd15_canny.pth --base self -o diffs/
+  cndiff batch models/ v1-5-pruned.ckpt -o diffs/
   cndiff demo
 """
 
@@ -58,14 +60,39 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write control - base for every control_model.* tensor as a difference "
         "model (diff_<name>_<dtype>.safetensors beside the control file unless -o).",
     )
-    ex.add_argument("control", help="original ControlNet checkpoint (control_sd15_*.pth)")
-    ex.add_argument("base", nargs="?", help=_BASE_HELP)
-    ex.add_argument("--base", dest="base_opt", metavar="BASE", help="same as the positional")
+    ex.add_argument(
+        "paths",
+        nargs="+",
+        metavar="CONTROL... BASE",
+        help="original ControlNet checkpoint(s) (control_sd15_*.pth), then the base; "
+        "several controls are converted as a batch, reading the base once",
+    )
+    ex.add_argument("--base", dest="base_opt", metavar="BASE", help=_BASE_HELP)
     ex.add_argument("-o", "--out", help="output file, or an existing folder")
+    ex.add_argument("--json", action="store_true", help="print the batch summary as JSON")
     ex.add_argument("--drop-unchanged", action="store_true",
                     help="leave out keys equal to the base (as the original script does; "
                     "loaders then rebuild them wrongly)")  # fmt: skip
     _add_common(ex)
+
+    ba = sub.add_parser(
+        "batch",
+        help="convert every ControlNet checkpoint in a folder, reading the base once",
+        description="Convert every ControlNet checkpoint (.pth/.ckpt/.safetensors holding "
+        "control_model.*) in MODELS_DIR; other files are listed as skipped. Complete "
+        "outputs from an earlier run are skipped unless --overwrite.",
+    )
+    ba.add_argument("models_dir", help="folder holding control_sd15_*.pth files")
+    ba.add_argument("base", nargs="?", help=_BASE_HELP)
+    ba.add_argument("--base", dest="base_opt", metavar="BASE", help="same as the positional")
+    ba.add_argument("-o", "--out", help="output folder (default: MODELS_DIR)")
+    ba.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ba.add_argument(
+        "--drop-unchanged",
+        action="store_true",
+        help="leave out keys equal to the base (as the original script does)",
+    )
+    _add_common(ba)
 
     demo = sub.add_parser("demo", help="extract a built-in synthetic pair (no models needed)")
     demo.add_argument("folder", nargs="?", default="cndiff-demo",
@@ -84,16 +111,26 @@ def _setup_logging(quiet: bool) -> None:
     root.propagate = False
 
 
+def _base_arg(positional: str | None, option: str | None) -> str:
+    if positional and option:
+        raise CndiffError("give the base once: positional or --base, not both")
+    base = option or positional
+    if base is None:
+        raise CndiffError("name the SD base checkpoint (or --base self)")
+    return base
+
+
 def _cmd_extract(args: argparse.Namespace) -> int:
     from .api import extract
 
-    base = args.base_opt or args.base
-    if base is None:
-        raise CndiffError("name the SD base checkpoint (or --base self)")
-    if args.base_opt and args.base:
-        raise CndiffError("give the base once: positional or --base, not both")
+    paths = list(args.paths)
+    if args.base_opt is None and len(paths) < 2:
+        raise CndiffError("name the SD base checkpoint after the control file (or --base self)")
+    base = _base_arg(None if args.base_opt else paths.pop(), args.base_opt)
+    if len(paths) > 1:
+        return _run_batch(paths, base, args, skipped=[])
     result = extract(
-        args.control,
+        paths[0],
         base,
         args.out,
         dtype=args.dtype,
@@ -106,6 +143,45 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     )
     print(result)
     return 0
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from .batch import find_controls
+
+    base = _base_arg(args.base, args.base_opt)
+    controls, skipped = find_controls(args.models_dir)
+    if args.out is None:
+        args.out = args.models_dir
+    if not controls:
+        raise CndiffError(f"no ControlNet checkpoints (control_model.* keys) in {args.models_dir}")
+    return _run_batch([str(c) for c in controls], base, args, skipped)
+
+
+def _run_batch(controls: list[str], base: str, args: argparse.Namespace, skipped: list) -> int:
+    import json
+
+    from .batch import extract_many, format_summary, summary_json
+
+    if args.out is not None and not os.path.isdir(args.out):
+        raise CndiffError(f"with several models, -o must be an existing folder ({args.out})")
+    results = extract_many(
+        controls,
+        base,
+        args.out,
+        dtype=args.dtype,
+        device=args.device,
+        overwrite=args.overwrite,
+        drop_unchanged=args.drop_unchanged,
+        chunk_mb=args.chunk_mb,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    results = results + skipped
+    if args.json:
+        print(json.dumps(summary_json(results), indent=2))
+    else:
+        print(format_summary(results))
+    return 1 if any(r.status == "failed" for r in results) else 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -138,7 +214,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(getattr(args, "quiet", False))
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return {"extract": _cmd_extract, "demo": _cmd_demo}[args.command](args)
+        command = {"extract": _cmd_extract, "batch": _cmd_batch, "demo": _cmd_demo}[args.command]
+        if getattr(args, "quiet", True):
+            return command(args)
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm(loggers=[log]):
+            return command(args)
     except CndiffError as exc:
         print(f"cndiff: error: {exc}", file=sys.stderr)
         return 1

@@ -5,30 +5,41 @@ the control and base chunk from disk straight into pinned memory, copies them to
 without blocking, subtracts and casts there, and copies the result back into pinned
 memory; the caller's thread writes it out. With several workers, reading, transfers and
 compute of different chunks overlap, and GPU memory stays bounded by the chunks in flight.
+In a batch, a base chunk is read and sent to the GPU once for all control files.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .dtypes import F32, F64
 from .engine import _read, _Slot, _Task
+from .errors import CndiffError
 
 __all__ = ["CudaCompute"]
+
+
+def _pinned(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
 
 class _CudaSlot(_Slot):
     def __init__(self, chunk: int, device: torch.device) -> None:
         self.chunk = chunk
-        self.c_pin = torch.empty(chunk * 8, dtype=torch.uint8, pin_memory=True)
-        self.b_pin = torch.empty(chunk * 8, dtype=torch.uint8, pin_memory=True)
-        self.o_pin = torch.empty(chunk * 4, dtype=torch.uint8, pin_memory=True)
+        self.c_pin = _pinned(chunk * 8)
+        self.b_pin = _pinned(chunk * 8)
         self.c_raw = self.c_pin.numpy()
         self.b_raw = self.b_pin.numpy()
-        self.out_raw = self.o_pin.numpy()
+        self.o_pins: list[torch.Tensor] = []
+        self.outs = []
+        self.results = []
+        self.max_abs = []
         self.stream = torch.cuda.Stream(device)
-        self.result = None
-        self.max_abs = 0.0
+
+    def out(self, j: int):
+        while len(self.o_pins) <= j:
+            self.o_pins.append(_pinned(self.chunk * 4))
+            self.outs.append(self.o_pins[-1].numpy())
+        return self.outs[j]
 
 
 class CudaCompute:
@@ -45,34 +56,48 @@ class CudaCompute:
 
     def __call__(self, slot: _Slot, task: _Task) -> _Slot:
         assert isinstance(slot, _CudaSlot)
-        s, item, n = task.stream, task.item, task.count
-        out_dt = s.out_dtype
-        cinfo = s.control.info(item.control_key)
-        _read(s.control, item.control_key, slot.c_raw, task.start, n)
-        c_host = slot.c_pin[: n * cinfo.itemsize].view(cinfo.dtype.to_torch())
-        out_t = out_dt.to_torch()
-        o_host = slot.o_pin[: n * out_dt.itemsize].view(out_t)
-        m = None
+        n = task.count
+        slot.results = []
+        slot.max_abs = []
+        maxes: list[torch.Tensor | None] = []
         with torch.cuda.device(self.device), torch.cuda.stream(slot.stream):
-            c = c_host.to(self.device, non_blocking=True)
-            if item.base_key is None:
-                d = c
-            else:
-                assert s.base is not None
-                binfo = s.base.info(item.base_key)
-                _read(s.base, item.base_key, slot.b_raw, task.start, n)
+            b = None
+            first_stream, first_item = task.members[0]
+            if first_item.base_key is not None:
+                assert first_stream.base is not None
+                binfo = first_stream.base.info(first_item.base_key)
+                _read(first_stream.base, first_item.base_key, slot.b_raw, task.start, n)
                 b_host = slot.b_pin[: n * binfo.itemsize].view(binfo.dtype.to_torch())
                 b = b_host.to(self.device, non_blocking=True)
-                if cinfo.dtype is F64 or binfo.dtype is F64:
+            for j, (s, item) in enumerate(task.members):
+                try:
+                    cinfo = s.control.info(item.control_key)
+                    # the pinned read buffer is reused: wait until the last copy left it
+                    slot.stream.synchronize()
+                    _read(s.control, item.control_key, slot.c_raw, task.start, n)
+                except (CndiffError, OSError) as exc:
+                    if len(task.members) == 1:
+                        raise
+                    slot.results.append(exc)
+                    maxes.append(None)
+                    continue
+                c_host = slot.c_pin[: n * cinfo.itemsize].view(cinfo.dtype.to_torch())
+                c = c_host.to(self.device, non_blocking=True)
+                m = None
+                if b is None:
+                    d = c.float() if c.dtype == torch.float64 else c
+                elif c.dtype == torch.float64 or b.dtype == torch.float64:
                     d = (c.double() - b.double()).float()
                 else:
                     d = c.float() - b.float()
-                m = torch.linalg.vector_norm(d, float("inf"))
-            if out_dt is F32 and d.dtype == torch.float64:
-                d = d.float()
-            o_host.copy_(d.to(out_t), non_blocking=True)
-            max_host = m.to("cpu", non_blocking=True) if m is not None else None
+                if b is not None:
+                    m = torch.linalg.vector_norm(d, float("inf"))
+                out_dt = s.out_dtype
+                raw = slot.out(j)
+                o_host = slot.o_pins[j][: n * out_dt.itemsize].view(out_dt.to_torch())
+                o_host.copy_(d.to(out_dt.to_torch()), non_blocking=True)
+                slot.results.append(raw[: n * out_dt.itemsize].view(out_dt.numpy))
+                maxes.append(m)
         slot.stream.synchronize()
-        slot.max_abs = float(max_host) if max_host is not None else 0.0
-        slot.result = slot.out_raw[: n * out_dt.itemsize].view(out_dt.numpy)
+        slot.max_abs = [float(m.item()) if m is not None else 0.0 for m in maxes]
         return slot

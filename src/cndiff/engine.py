@@ -147,7 +147,11 @@ def resolve_device(device: str) -> str:
 @dataclass
 class Stream:
     """One output file's worth of work: plan items read from ``control`` (and ``base``),
-    produced as ``out_dtype``. ``sink`` receives each finished chunk, in order."""
+    produced as ``out_dtype``. ``sink`` receives each finished chunk, in order.
+
+    Streams that share one ``base`` checkpoint object (a batch) read each base chunk
+    once for all of them.
+    """
 
     items: Sequence[PlanItem]
     control: Checkpoint
@@ -156,6 +160,10 @@ class Stream:
     sink: Callable[[PlanItem, np.ndarray], None] | None = None
     #: max |control - base| per subtracted key (NaN when a difference is NaN)
     max_abs: dict[str, float] = field(default_factory=dict)
+    #: with ``isolate=True``: the exception that stopped this stream
+    error: BaseException | None = None
+    #: called with the stream when its last chunk went to the sink
+    on_done: Callable[[Stream], None] | None = None
 
 
 @dataclass
@@ -169,15 +177,17 @@ class DiffStats:
 
 @dataclass
 class _Task:
-    stream: Stream
-    item: PlanItem
+    """One chunk ``[start, start+count)`` of the same tensor position in several streams
+    (one stream, outside batches). Members sharing a base tensor read it once."""
+
+    members: list[tuple[Stream, PlanItem]]
     start: int
     count: int
     last: bool
 
 
 class _Slot:
-    """Scratch buffers for one chunk in flight."""
+    """Scratch buffers for one chunk in flight, with one output buffer per member."""
 
     def __init__(self, chunk: int) -> None:
         self.chunk = chunk
@@ -186,29 +196,46 @@ class _Slot:
         self.cf = np.empty(chunk, dtype=np.float32)
         self.bf = np.empty(chunk, dtype=np.float32)
         self.tmp = np.empty(chunk, dtype=np.uint32)
-        self.out_raw = np.empty(chunk * 4, dtype=np.uint8)
-        self.result: np.ndarray | None = None
-        self.max_abs = 0.0
+        self.outs: list[np.ndarray] = []
+        self.results: list[np.ndarray | BaseException] = []
+        self.max_abs: list[float] = []
+
+    def out(self, j: int) -> np.ndarray:
+        while len(self.outs) <= j:
+            self.outs.append(np.empty(self.chunk * 4, dtype=np.uint8))
+        return self.outs[j]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _tasks(streams: Sequence[Stream], chunk: int) -> Iterator[_Task]:
-    # Walk items in order; interleave streams item by item so that a batch reads each
-    # base tensor once, then every control file's matching tensor.
+    # Walk tensor positions in order; at each, group the streams that subtract the same
+    # tensor of the same base checkpoint, so a batch reads each base chunk once.
     longest = max((len(s.items) for s in streams), default=0)
     for i in range(longest):
+        groups: dict[tuple, list[tuple[Stream, PlanItem]]] = {}
         for s in streams:
-            if i >= len(s.items):
+            if s.error is not None or i >= len(s.items):
                 continue
             item = s.items[i]
-            n = 1
-            for d in item.shape:
-                n *= d
+            if item.base_key is not None:
+                gk: tuple = (id(s.base), item.base_key, item.shape)
+            else:
+                gk = (id(s), i)
+            groups.setdefault(gk, []).append((s, item))
+        for members in groups.values():
+            n = _numel(members[0][1].shape)
             if n == 0:
-                yield _Task(s, item, 0, 0, True)
+                yield _Task(members, 0, 0, True)
                 continue
             for start in range(0, n, chunk):
                 count = min(chunk, n - start)
-                yield _Task(s, item, start, count, start + count >= n)
+                yield _Task(members, start, count, start + count >= n)
 
 
 def _read(ckpt: Checkpoint, key: str, raw: np.ndarray, start: int, count: int) -> np.ndarray:
@@ -228,47 +255,60 @@ def _max_abs(d: np.ndarray) -> float:
     return max(hi, -lo)
 
 
-def _compute_cpu(slot: _Slot, task: _Task) -> _Slot:
-    s, item, n = task.stream, task.item, task.count
+def _chunk_cpu(
+    slot: _Slot, j: int, s: Stream, item: PlanItem, braw: np.ndarray | None, task: _Task
+) -> tuple[np.ndarray, float]:
+    """One member's chunk: returns (output values, max |difference|)."""
+    n = task.count
     out_dt = s.out_dtype
     cinfo = s.control.info(item.control_key)
     craw = _read(s.control, item.control_key, slot.c_raw, task.start, n)
-    out = slot.out_raw[: n * out_dt.itemsize].view(out_dt.numpy)
-    slot.max_abs = 0.0
-    if item.base_key is None:
-        if cinfo.dtype is out_dt:
-            slot.result = craw
-            return slot
-        if cinfo.dtype.raw or out_dt.raw:
-            d = to_float32(craw, cinfo.dtype, slot.cf[:n])
-        elif cinfo.dtype is F64:
+    out = slot.out(j)[: n * out_dt.itemsize].view(out_dt.numpy)
+    if braw is None:
+        if cinfo.dtype is out_dt or not (cinfo.dtype.raw or out_dt.raw or cinfo.dtype is F64):
+            np.copyto(out, craw, casting="unsafe")
+            return out, 0.0
+        if cinfo.dtype is F64:
             d = slot.cf[:n]
             np.copyto(d, craw, casting="unsafe")
         else:
-            np.copyto(out, craw, casting="unsafe")
-            slot.result = out
-            return slot
+            d = to_float32(craw, cinfo.dtype, slot.cf[:n])
         cast_from_float32(d, out_dt, out, slot.tmp[:n])
-        slot.result = out
-        return slot
-    assert s.base is not None
+        return out, 0.0
+    assert s.base is not None and item.base_key is not None
     binfo = s.base.info(item.base_key)
-    braw = _read(s.base, item.base_key, slot.b_raw, task.start, n)
+    d = out if out_dt is F32 else slot.cf[:n]
     if cinfo.dtype is F64 or binfo.dtype is F64:
-        d64 = np.subtract(craw, braw, dtype=np.float64)
-        d = slot.cf[:n]
-        np.copyto(d, d64, casting="unsafe")
+        np.copyto(d, np.subtract(craw, braw, dtype=np.float64), casting="unsafe")
     else:
         c = craw if cinfo.dtype is F32 else to_float32(craw, cinfo.dtype, slot.cf[:n])
         b = braw if binfo.dtype is F32 else to_float32(braw, binfo.dtype, slot.bf[:n])
-        d = slot.cf[:n]
         np.subtract(c, b, out=d)
-    slot.max_abs = _max_abs(d)
-    if out_dt is F32:
-        slot.result = d
-    else:
+    m = _max_abs(d)
+    if out_dt is not F32:
         cast_from_float32(d, out_dt, out, slot.tmp[:n])
-        slot.result = out
+    return out, m
+
+
+def _compute_cpu(slot: _Slot, task: _Task) -> _Slot:
+    slot.results = []
+    slot.max_abs = []
+    braw = None
+    first = task.members[0]
+    if first[1].base_key is not None:
+        assert first[0].base is not None
+        braw = _read(first[0].base, first[1].base_key, slot.b_raw, task.start, task.count)
+    for j, (s, item) in enumerate(task.members):
+        try:
+            out, m = _chunk_cpu(slot, j, s, item, braw, task)
+        except (CndiffError, OSError) as exc:
+            if len(task.members) == 1:
+                raise
+            slot.results.append(exc)
+            slot.max_abs.append(0.0)
+            continue
+        slot.results.append(out)
+        slot.max_abs.append(m)
     return slot
 
 
@@ -279,12 +319,15 @@ def run_streams(
     workers: int | None = None,
     device: str = "cpu",
     on_chunk: Callable[[int], None] | None = None,
+    isolate: bool = False,
 ) -> DiffStats:
     """Compute every stream's tensors, chunk by chunk, and hand them to the sinks in order.
 
     ``chunk_mb`` bounds the float32 size of one chunk; ``workers`` threads compute while
     the calling thread runs the sinks (default: ``min(4, cpu count)``). ``on_chunk`` is
     called with the number of control bytes done after each chunk (for progress bars).
+    With ``isolate=True`` an error in one stream (its file, its sink) is stored in
+    ``stream.error`` and the other streams go on; otherwise it is raised.
     """
     chunk = max(1, int(chunk_mb * 1024 * 1024) // 4)
     if workers is None:
@@ -304,25 +347,51 @@ def run_streams(
     stats = DiffStats()
     free: list[_Slot] = []
     made = 0
-    pending: deque[tuple[_Task, Future[_Slot]]] = deque()
+    pending: deque[tuple[_Task, Future[_Slot], _Slot]] = deque()
 
-    def finish(task: _Task, fut: Future[_Slot]) -> None:
-        slot = fut.result()
-        s = task.stream
-        if task.item.base_key is not None:
-            prev = s.max_abs.get(task.item.key, 0.0)
-            m = slot.max_abs
-            s.max_abs[task.item.key] = m if (m != m or prev != prev) else max(prev, m)
-        if s.sink is not None:
-            assert slot.result is not None
-            s.sink(task.item, slot.result)
-            stats.bytes_out += slot.result.nbytes
-        slot.result = None
+    def fail(s: Stream, exc: BaseException) -> None:
+        if not isolate:
+            raise exc
+        if s.error is None:
+            s.error = exc
+
+    def deliver(task: _Task, results: Sequence[np.ndarray | BaseException], maxes) -> None:
+        for (s, item), res, m in zip(task.members, results, maxes):
+            if s.error is not None:
+                continue
+            if isinstance(res, BaseException):
+                fail(s, res)
+                continue
+            if item.base_key is not None:
+                prev = s.max_abs.get(item.key, 0.0)
+                s.max_abs[item.key] = m if (m != m or prev != prev) else max(prev, m)
+            try:
+                if s.sink is not None:
+                    s.sink(item, res)
+                    stats.bytes_out += res.nbytes
+            except (CndiffError, OSError) as exc:
+                fail(s, exc)
+                continue
+            if on_chunk is not None:
+                on_chunk(task.count * s.control.info(item.control_key).itemsize)
+            if task.last and item is s.items[-1] and s.on_done is not None:
+                s.on_done(s)
         stats.chunks += 1
         stats.elements += task.count
-        if on_chunk is not None:
-            on_chunk(task.count * s.control.info(task.item.control_key).itemsize)
-        free.append(slot)
+
+    def finish(task: _Task, fut: Future[_Slot], slot: _Slot) -> None:
+        try:
+            fut.result()
+        except (CndiffError, OSError) as exc:
+            if not isolate:
+                raise
+            slot.results = [exc] * len(task.members)
+            slot.max_abs = [0.0] * len(task.members)
+        try:
+            deliver(task, slot.results, slot.max_abs)
+        finally:
+            slot.results = []
+            free.append(slot)
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cndiff") as pool:
         try:
@@ -331,9 +400,8 @@ def run_streams(
                     # empty tensor: nothing to read; keep the order with what is in flight
                     while pending:
                         finish(*pending.popleft())
-                    if task.stream.sink is not None:
-                        empty = np.empty(0, dtype=task.stream.out_dtype.numpy)
-                        task.stream.sink(task.item, empty)
+                    empties = [np.empty(0, dtype=s.out_dtype.numpy) for s, _ in task.members]
+                    deliver(task, empties, [0.0] * len(empties))
                     continue
                 if not free:
                     if made < nslots:
@@ -342,11 +410,11 @@ def run_streams(
                     else:
                         finish(*pending.popleft())
                 slot = free.pop()
-                pending.append((task, pool.submit(compute, slot, task)))
+                pending.append((task, pool.submit(compute, slot, task), slot))
             while pending:
                 finish(*pending.popleft())
         except BaseException:
-            for _, fut in pending:
+            for _, fut, _ in pending:
                 fut.cancel()
             raise
     return stats

@@ -1,0 +1,191 @@
+"""Batch conversion: equal to single runs, base read once, failures isolated, resumable."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import assert_bit_equal, naive_diff
+from safetensors.torch import load_file
+
+import cndiff
+from cndiff import synthetic
+from cndiff.batch import extract_many, find_controls
+from cndiff.cli import main
+
+NAMES = ["canny", "depth", "hed", "mlsd", "normal", "openpose", "scribble", "seg"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Eight tiny controls (different seeds) and one base, in one folder."""
+    folder = tmp_path_factory.mktemp("models")
+    arch = synthetic.tiny()
+    base = synthetic.make_base(folder / "sd15.ckpt", arch, seed=0)
+    for i, name in enumerate(NAMES):
+        synthetic.make_control(folder / f"control_sd15_{name}.pth", arch, seed=i + 1,
+                               base_seed=0)  # fmt: skip
+    return folder, base
+
+
+def test_batch_equals_single_runs_and_reads_base_once(models, tmp_path, monkeypatch):
+    folder, base = models
+    controls = sorted(folder.glob("control_*.pth"))
+    single = tmp_path / "single"
+    single.mkdir()
+    for c in controls:
+        cndiff.extract(c, base, single)
+
+    from cndiff import checkpoint as ck
+
+    reads: dict[str, list[tuple[str, int]]] = {}
+    orig = ck.Checkpoint.read_into
+
+    def spy(self, key, out, start=0):
+        reads.setdefault(self.path.name, []).append((key, start))
+        return orig(self, key, out, start)
+
+    monkeypatch.setattr(ck.Checkpoint, "read_into", spy)
+    out = tmp_path / "batch"
+    out.mkdir()
+    results = extract_many(controls, base, out, chunk_mb=0.001)
+    assert [r.status for r in results] == ["written"] * 8
+    for c, r in zip(controls, results):
+        assert r.output == out / f"diff_{c.stem}_fp16.safetensors"
+        assert r.output.read_bytes() == (single / r.output.name).read_bytes()
+    # every base chunk was read exactly once for all eight models
+    base_reads = reads["sd15.ckpt"]
+    assert len(base_reads) == len(set(base_reads))
+    assert {k for k, _ in base_reads} == {
+        "model.diffusion_model." + k[len("control_model.") :]
+        for k in synthetic.paired_control_keys(synthetic.tiny())
+    }
+    assert all(len(reads[c.name]) >= 340 for c in controls)
+
+
+def test_batch_bit_equal_to_naive(models, tmp_path):
+    folder, base = models
+    controls = sorted(folder.glob("control_*.pth"))[:3]
+    results = extract_many(controls, base, tmp_path, dtype="bf16")
+    for c, r in zip(controls, results):
+        assert_bit_equal(load_file(str(r.output)), naive_diff(c, base, "bf16"))
+
+
+def test_corrupt_model_fails_alone(models, tmp_path):
+    folder, base = models
+    work = tmp_path / "in"
+    work.mkdir()
+    for c in sorted(folder.glob("control_*.pth"))[:3]:
+        shutil.copy(c, work / c.name)
+    bad = work / "control_sd15_bad.pth"
+    data = (work / "control_sd15_canny.pth").read_bytes()
+    bad.write_bytes(data[: len(data) // 3])
+    out = tmp_path / "out"
+    out.mkdir()
+    controls = sorted(work.glob("*.pth"))
+    results = extract_many(controls, base, out)
+    by = {r.control.name: r for r in results}
+    assert by["control_sd15_bad.pth"].status == "failed"
+    assert "truncated" in by["control_sd15_bad.pth"].reason
+    assert sum(r.status == "written" for r in results) == 3
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"diff_{c.stem}_fp16.safetensors" for c in controls if c.name != bad.name
+    )
+
+
+def test_rerun_skips_complete_and_cleans_leftovers(models, tmp_path):
+    folder, base = models
+    controls = sorted(folder.glob("control_*.pth"))[:2]
+    first = extract_many(controls, base, tmp_path)
+    assert [r.status for r in first] == ["written", "written"]
+    # a leftover temp file of a killed run (dead pid) and a truncated output
+    dead = tmp_path / f".{first[0].output.name}.999999999.0123abcd.cndiff-tmp"
+    dead.write_bytes(b"partial")
+    before = first[1].output.read_bytes()
+    again = extract_many(controls, base, tmp_path)
+    assert [r.status for r in again] == ["skipped", "skipped"]
+    assert "complete output exists" in again[0].reason
+    assert not dead.exists()  # the killed run's temporary file is cleaned up
+    dead.write_bytes(b"partial again")
+    first[1].output.write_bytes(before[:-10])  # now incomplete
+    third = extract_many(controls, base, tmp_path)
+    assert third[0].status == "skipped"
+    assert third[1].status == "failed" and "exists" in third[1].reason
+    forced = extract_many(controls, base, tmp_path, overwrite=True)
+    assert [r.status for r in forced] == ["written", "written"]
+    assert not dead.exists()
+    assert forced[1].output.read_bytes() == before
+
+
+def test_base_self_batch_equals_base_file(tmp_path):
+    arch = synthetic.tiny()
+    a = synthetic.make_control(tmp_path / "control_a.pth", arch, seed=1, base_seed=0,
+                               embedded_unet="same")  # fmt: skip
+    b = synthetic.make_control(tmp_path / "control_b.pth", arch, seed=2, base_seed=0,
+                               embedded_unet="same")  # fmt: skip
+    base = synthetic.make_base(tmp_path / "base.ckpt", arch, seed=0)
+    (tmp_path / "self").mkdir()
+    (tmp_path / "file").mkdir()
+    r1 = extract_many([a, b], "self", tmp_path / "self")
+    r2 = extract_many([a, b], base, tmp_path / "file")
+    for x, y in zip(r1, r2):
+        assert x.status == y.status == "written"
+        assert_bit_equal(load_file(str(x.output)), load_file(str(y.output)))
+
+
+def test_find_controls_lists_other_files_as_skipped(models, tmp_path):
+    folder, base = models
+    controls, skipped = find_controls(folder)
+    assert [c.name for c in controls] == sorted(f"control_sd15_{n}.pth" for n in NAMES)
+    assert [s.control.name for s in skipped] == ["sd15.ckpt"]
+    assert "not a ControlNet checkpoint" in skipped[0].reason
+
+
+def test_cli_batch_summary_and_json(models, tmp_path, capsys):
+    folder, base = models
+    out = tmp_path / "o"
+    out.mkdir()
+    rc = main(["batch", str(folder), str(base), "-o", str(out), "-q"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "8 written, 1 skipped, 0 failed" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("control_sd15_canny.pth"))
+    written = out / "diff_control_sd15_canny_fp16.safetensors"
+    import hashlib
+
+    sha = hashlib.sha256(written.read_bytes()).hexdigest()
+    assert f"{sha[:10]}  {sha}" in line
+    assert f"{written.stat().st_size / 1e6:,.1f} MB" in line
+    rc = main(["batch", str(folder), "--base", str(base), "-o", str(out), "-q", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert [d["status"] for d in data].count("skipped") == 9
+    canny = next(d for d in data if d["model"].endswith("control_sd15_canny.pth"))
+    assert canny["output"] == str(written) and canny["sha256"] is None
+
+
+def test_cli_extract_several_files_is_a_batch(models, tmp_path, capsys):
+    folder, base = models
+    a, b = sorted(folder.glob("control_*.pth"))[:2]
+    rc = main(["extract", str(a), str(b), str(base), "-o", str(tmp_path), "-q", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert [d["status"] for d in data] == ["written", "written"]
+    assert all(len(d["sha256"]) == 64 and d["sha256_short"] == d["sha256"][:10] for d in data)
+
+
+def test_cli_batch_exit_code_on_failure(models, tmp_path, capsys):
+    folder, base = models
+    work = tmp_path / "in"
+    work.mkdir()
+    shutil.copy(folder / "control_sd15_canny.pth", work)
+    (work / "control_sd15_broken.pth").write_bytes(
+        (folder / "control_sd15_depth.pth").read_bytes()[:5000]
+    )
+    args = [str(work / "control_sd15_canny.pth"), str(work / "control_sd15_broken.pth")]
+    rc = main(["extract", *args, str(base), "-o", str(work), "-q"])
+    text = capsys.readouterr().out
+    assert rc == 1
+    assert "1 written, 0 skipped, 1 failed" in text
+    assert not (work / "diff_control_sd15_broken_fp16.safetensors").exists()
