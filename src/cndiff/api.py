@@ -357,6 +357,8 @@ def _execute(
             job = by_stream[id(stream)]
             try:
                 assert job.writer is not None
+                job.ctl.check_unchanged()
+                job.base.check_unchanged()
                 job.writer.write(_difference_marker(dt))
                 job.writer.commit()
             except CndiffError as exc:

@@ -98,6 +98,7 @@ class Checkpoint:
     _fd: int = -1
     bytes_read: int = 0
     reads: int = 0
+    _mtime_ns: int = 0
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -110,6 +111,18 @@ class Checkpoint:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`CheckpointError` if the file changed on disk since it was opened
+        (size or modification time): what was read may then be a mix of two files."""
+        if self._fd < 0:
+            return
+        st = os.fstat(self._fd)
+        if (st.st_size, st.st_mtime_ns) != (self.size, self._mtime_ns):
+            raise CheckpointError(
+                f"{self.path.name} changed on disk while it was being read; wait until it is "
+                "completely written (or downloaded) and run again"
+            )
 
     def __contains__(self, key: object) -> bool:
         return key in self.tensors
@@ -237,6 +250,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     except BaseException:
         os.close(fd)
         raise
+    ckpt._mtime_ns = os.fstat(fd).st_mtime_ns
     return ckpt
 
 
