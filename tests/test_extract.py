@@ -134,8 +134,14 @@ def test_header_metadata_and_layout(sd15_pair, tmp_path):
     assert meta["format"] == "pt"
     assert meta["cndiff.version"] == cndiff.__version__
     assert meta["cndiff.kind"] == "difference"
-    assert meta["cndiff.control"] == control.name
+    assert meta["cndiff.source"] == control.name
+    assert meta["cndiff.source_size"] == str(control.stat().st_size)
     assert meta["cndiff.base"] == base.name
+    assert meta["cndiff.base_size"] == str(base.stat().st_size)
+    assert meta["cndiff.dtype"] == "float16"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/controlnet"
+    assert meta["modelspec.sai_model_spec"] == "1.0.0"
+    assert "cndiff.source_sha256" not in meta
     # data regions are contiguous, in order, and fill the file exactly
     spans = sorted(v["data_offsets"] for v in header.values())
     assert spans[0][0] == 0 and spans[-1][1] == len(raw) - 8 - n

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import _version
 from .checkpoint import Checkpoint, open_checkpoint
 from .dtypes import OUTPUT_DTYPES, DType, by_name
 from .engine import DEFAULT_CHUNK_MB, UNCHANGED_TOL, Stream, resolve_device, run_streams
 from .errors import CndiffError, OutputError, OutputExistsError
+from .fingerprint import BaseMatch, classify_base
 from .keys import (
     DIFFERENCE_KEY,
     UNET_PREFIX,
@@ -24,6 +23,8 @@ from .keys import (
     require_control_keys,
     unet_prefix,
 )
+from .progress import progress_bar
+from .provenance import build_metadata, sha256_file
 from .writer import OutputEntry, SafetensorsWriter, remove_stale_temp_files
 
 __all__ = ["ExtractResult", "extract", "default_output_name"]
@@ -52,10 +53,15 @@ class ExtractResult:
     unchanged: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     sha256: str | None = None
+    #: how the base compares with the UNet embedded in the control file (None: not checked)
+    base_match: BaseMatch | None = None
+    #: ``difference`` (extract) or ``standalone`` (apply: ``subtracted`` counts additions)
+    kind: str = "difference"
 
     def __str__(self) -> str:
+        verb = "subtracted" if self.kind == "difference" else "added"
         return (
-            f"{self.output}: {self.keys_written} tensors ({self.subtracted} subtracted, "
+            f"{self.output}: {self.keys_written} tensors ({self.subtracted} {verb}, "
             f"{self.copied} copied), {self.dtype}, {self.bytes / 1e6:.1f} MB "
             f"in {self.seconds:.2f} s"
         )
@@ -112,52 +118,6 @@ def open_base(base: str | os.PathLike[str], control: Checkpoint) -> tuple[Checkp
     return ckpt, unet_prefix(ckpt.tensors)
 
 
-def _metadata(
-    control: Checkpoint, base: Checkpoint, base_is_self: bool, dt: DType, dropped: list[str]
-) -> dict[str, str]:
-    return {
-        "format": "pt",
-        "cndiff.version": _version.__version__,
-        "cndiff.kind": "difference",
-        "cndiff.control": control.path.name,
-        "cndiff.control_size": str(control.size),
-        "cndiff.base": "self" if base_is_self else base.path.name,
-        "cndiff.base_size": "" if base_is_self else str(base.size),
-        "cndiff.dtype": dt.name,
-        "cndiff.dropped_keys": ",".join(dropped),
-    }
-
-
-class _NoBar:
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, enabled: bool, unit: str = "B"):
-    """A tqdm bar on stderr (a no-op without ``enabled``); use as a context manager."""
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit=unit,
-        unit_scale=unit == "B",
-        unit_divisor=1024,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        mininterval=0.5 if sys.stderr.isatty() else 30.0,
-        leave=False,
-    )
-
-
 def extract(
     control: str | os.PathLike[str],
     base: str | os.PathLike[str],
@@ -170,6 +130,8 @@ def extract(
     chunk_mb: float = DEFAULT_CHUNK_MB,
     workers: int | None = None,
     hash: bool = False,
+    hash_inputs: bool = False,
+    check_base: bool = True,
     progress: bool = False,
 ) -> ExtractResult:
     """Turn an original ControlNet checkpoint into a difference model.
@@ -198,6 +160,10 @@ def extract(
         chunk_mb: float32 megabytes processed per chunk (bounds memory).
         workers: compute threads (default ``min(4, cpus)``).
         hash: compute the output's sha256 while writing (``result.sha256``).
+        hash_inputs: record the inputs' sha256 in the output's metadata (a separate
+            read of both whole files: costs time).
+        check_base: compare the base with the SD UNet embedded in an original control
+            file, in the same pass (``result.base_match``; a warning when they differ).
         progress: show a tqdm progress bar on stderr.
 
     Returns:
@@ -214,7 +180,7 @@ def extract(
     with ExitStack() as stack:
         job = _prepare(Path(control), base, out, dt, overwrite, stack, skip_complete=False)
         _execute([job], dt, dev, drop_unchanged, chunk_mb, workers, hash, progress, t0,
-                 isolate=False)  # fmt: skip
+                 isolate=False, check_base=check_base, hash_inputs=hash_inputs)  # fmt: skip
         assert job.result is not None
         return job.result
 
@@ -229,9 +195,14 @@ class _Job:
     base_is_self: bool
     plan: list[PlanItem]
     target: Path
+    #: ``sub`` (extract: control - base) or ``add`` (apply: diff + base)
+    op: str = "sub"
+    #: what the output is: ``difference`` (gets the marker key) or ``standalone``
+    kind: str = "difference"
     stream: Stream | None = None
     writer: SafetensorsWriter | None = None
     dropped: list[str] = field(default_factory=list)
+    hashes: dict[str, str] = field(default_factory=dict)
     result: ExtractResult | None = None
     error: BaseException | None = None
 
@@ -313,11 +284,24 @@ def _execute(
     *,
     isolate: bool,
     on_result: Callable[[_Job], None] | None = None,
+    check_base: bool = True,
+    hash_inputs: bool = False,
 ) -> None:
     """Run the jobs together (a shared base is read once) and commit each output as soon
     as its last chunk is written. With ``isolate``, a failing job records its error in
     ``job.error`` and the others go on; otherwise the error is raised."""
     label = jobs[0].ctl.path.name if len(jobs) == 1 else f"{len(jobs)} models"
+    if hash_inputs:
+        # Extraction reads only parts of the inputs, so hashing is a pass of its own
+        # (before writing: the digests go into the header).
+        digests: dict[Path, str] = {}
+        for job in jobs:
+            for name, ck in (("source", job.ctl), ("base", job.base)):
+                if name == "base" and job.base_is_self:
+                    continue
+                if ck.path not in digests:
+                    digests[ck.path] = sha256_file(ck.path, progress)
+                job.hashes[name] = digests[ck.path]
     if drop_unchanged:
         # The header comes first, so find the keys to drop before writing anything.
         probes = []
@@ -326,7 +310,7 @@ def _execute(
             job.stream = Stream(subtracted, job.ctl, job.base, dt)
             probes.append(job.stream)
         total = sum(job.ctl.info(i.control_key).nbytes for p in probes for i in p.items)
-        with _progress(total, "scan " + label, progress) as bar:
+        with progress_bar(total, "scan " + label, progress) as bar:
             run_streams(probes, chunk_mb=chunk_mb, workers=workers, device=dev,
                         on_chunk=bar.update, isolate=isolate)  # fmt: skip
         for job in jobs:
@@ -340,8 +324,11 @@ def _execute(
     with ExitStack() as writers:
         for job in live:
             entries = [OutputEntry(i.key, dt, i.shape) for i in job.plan]
-            entries.append(OutputEntry(DIFFERENCE_KEY, dt, ()))
-            meta = _metadata(job.ctl, job.base, job.base_is_self, dt, job.dropped)
+            if job.kind == "difference":
+                entries.append(OutputEntry(DIFFERENCE_KEY, dt, ()))
+            meta = build_metadata(kind=job.kind, control=job.ctl, base=job.base,
+                                  base_is_self=job.base_is_self, dtype=dt.name,
+                                  dropped=job.dropped, hashes=job.hashes)  # fmt: skip
             w = SafetensorsWriter(job.target, entries, meta, overwrite=True, hash=hash)
             w.overwrite = job.target.exists()  # checked in _prepare; refuse a newcomer
             writers.enter_context(w)
@@ -350,7 +337,14 @@ def _execute(
             def sink(item: PlanItem, data, w: SafetensorsWriter = w) -> None:
                 w.write(data)
 
-            job.stream = Stream(job.plan, job.ctl, job.base, dt, sink, on_done=None)
+            job.stream = Stream(job.plan, job.ctl, job.base, dt, sink, op=job.op)
+            if (
+                check_base
+                and job.op == "sub"
+                and not job.base_is_self
+                and any(k.startswith(UNET_PREFIX) for k in job.ctl.tensors)
+            ):
+                job.stream.embedded_prefix = UNET_PREFIX
             by_stream[id(job.stream)] = job
 
         def done(stream: Stream) -> None:
@@ -359,7 +353,8 @@ def _execute(
                 assert job.writer is not None
                 job.ctl.check_unchanged()
                 job.base.check_unchanged()
-                job.writer.write(_difference_marker(dt))
+                if job.kind == "difference":
+                    job.writer.write(_difference_marker(dt))
                 job.writer.commit()
             except CndiffError as exc:
                 if not isolate:
@@ -374,7 +369,7 @@ def _execute(
         for st in streams:
             st.on_done = done
         total = sum(j.ctl.info(i.control_key).nbytes for j in live for i in j.plan)
-        with _progress(total, label, progress) as bar:
+        with progress_bar(total, label, progress) as bar:
             run_streams(streams, chunk_mb=chunk_mb, workers=workers, device=dev,
                         on_chunk=bar.update, isolate=isolate)  # fmt: skip
         for job in live:
@@ -403,9 +398,15 @@ def _result(job: _Job, dt: DType, dev: str, seconds: float, drop_unchanged: bool
         log.warning("%s: dropped %d unchanged key(s): %s", job.ctl.path.name,
                     len(job.dropped), ", ".join(job.dropped))  # fmt: skip
     n_sub = sum(1 for i in job.plan if i.base_key is not None)
+    match = None
+    if job.stream.base_match is not None:
+        match = classify_base(job.stream.base_match)
+        (log.info if match.kind == "identical" else log.warning)(
+            "%s: %s", job.ctl.path.name, match.message
+        )
     return ExtractResult(
         output=job.target,
-        keys_written=len(job.plan) + 1,
+        keys_written=len(job.plan) + (job.kind == "difference"),
         subtracted=n_sub,
         copied=len(job.plan) - n_sub,
         dtype=dt.name,
@@ -415,6 +416,8 @@ def _result(job: _Job, dt: DType, dev: str, seconds: float, drop_unchanged: bool
         unchanged=unchanged,
         dropped=job.dropped,
         sha256=job.writer.sha256,
+        base_match=match,
+        kind=job.kind,
     )
 
 

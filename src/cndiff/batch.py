@@ -21,13 +21,13 @@ from .api import (
     _Job,
     _out_dtype,
     _prepare,
-    _progress,
     _Skip,
 )
 from .checkpoint import open_checkpoint
 from .engine import resolve_device
 from .errors import CndiffError
 from .keys import CONTROL_PREFIX
+from .progress import progress_bar
 
 __all__ = ["ModelStatus", "find_controls", "extract_many", "format_summary", "summary_json"]
 
@@ -96,6 +96,8 @@ def extract_many(
     chunk_mb: float = DEFAULT_CHUNK_MB,
     workers: int | None = None,
     hash: bool = True,
+    hash_inputs: bool = False,
+    check_base: bool = True,
     progress: bool = False,
 ) -> list[ModelStatus]:
     """Convert several ControlNet checkpoints against one base, reading the base once.
@@ -136,13 +138,14 @@ def extract_many(
                 continue
             jobs.append(job)
         if jobs:
-            with _progress(len(jobs), "models", progress and len(jobs) > 1, unit="model") as bar:
+            with progress_bar(len(jobs), "models", progress and len(jobs) > 1, unit="model") as bar:
 
                 def on_result(job: _Job) -> None:
                     bar.update(1)
 
                 _execute(jobs, dt, dev, drop_unchanged, chunk_mb, workers, hash, progress, t0,
-                         isolate=True, on_result=on_result)  # fmt: skip
+                         isolate=True, on_result=on_result, check_base=check_base,
+                         hash_inputs=hash_inputs)  # fmt: skip
         for job in jobs:
             st = statuses[job.control_path]
             if job.result is not None and job.error is None:

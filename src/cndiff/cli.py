@@ -44,6 +44,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="compute threads (default: min(4, CPUs))")  # fmt: skip
 
 
+def _add_provenance(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hash", action="store_true",
+                   help="record the inputs' sha256 in the output metadata (reads both files "
+                   "whole once more)")  # fmt: skip
+    p.add_argument("--no-check-base", action="store_true",
+                   help="skip comparing the base with the SD UNet embedded in an original "
+                   "control file (reads another 1.4 GB for SD1.5)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cndiff",
@@ -70,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--base", dest="base_opt", metavar="BASE", help=_BASE_HELP)
     ex.add_argument("-o", "--out", help="output file, or an existing folder")
     ex.add_argument("--json", action="store_true", help="print the batch summary as JSON")
+    _add_provenance(ex)
     ex.add_argument("--drop-unchanged", action="store_true",
                     help="leave out keys equal to the base (as the original script does; "
                     "loaders then rebuild them wrongly)")  # fmt: skip
@@ -87,12 +97,53 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--base", dest="base_opt", metavar="BASE", help="same as the positional")
     ba.add_argument("-o", "--out", help="output folder (default: MODELS_DIR)")
     ba.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_provenance(ba)
     ba.add_argument(
         "--drop-unchanged",
         action="store_true",
         help="leave out keys equal to the base (as the original script does)",
     )
     _add_common(ba)
+
+    ins = sub.add_parser(
+        "inspect",
+        help="say what a checkpoint file is (without loading it)",
+        description="Say what a file is: original/pruned ControlNet, difference model, "
+        "Control-LoRA, diffusers ControlNet, SD checkpoint; architecture, keys, dtypes, "
+        "metadata, and how ComfyUI, sd-webui-controlnet and Forge treat it.",
+    )
+    ins.add_argument("files", nargs="+", help="checkpoint files")
+    ins.add_argument("--json", action="store_true", help="print JSON")
+
+    ve = sub.add_parser(
+        "verify",
+        help="rebuild a diff the way the loaders do and compare with the original",
+        description="Rebuild every weight of DIFF as ComfyUI, sd-webui-controlnet and an "
+        "exact float32 sum do, and compare with the original ControlNet. Exit 0 when every "
+        "key is present and every error is within the derived rounding bound.",
+    )
+    ve.add_argument("diff", help="difference model (or Control-LoRA) to check")
+    ve.add_argument("--control", required=True, help="the original ControlNet checkpoint")
+    ve.add_argument("--base", required=True, help="the SD base it was taken against or 'self'")
+    ve.add_argument("--json", action="store_true", help="print the report as JSON")
+    ve.add_argument("--per-key", action="store_true", help="list every key's errors")
+    ve.add_argument(
+        "--no-check-base",
+        action="store_true",
+        help="skip comparing the base with the control file's embedded UNet",
+    )
+    ve.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    ap = sub.add_parser(
+        "apply",
+        help="bake a difference model into a standalone ControlNet for a given base",
+        description="Add BASE's UNet to DIFF and write a standalone ControlNet "
+        "(control_model.* keys, no 'difference' marker) that any loader takes.",
+    )
+    ap.add_argument("diff", help="difference model (diff_*.safetensors)")
+    ap.add_argument("base", help="SD checkpoint (fine-tune) to bake in")
+    ap.add_argument("-o", "--out", help="output file, or an existing folder")
+    _add_common(ap)
 
     demo = sub.add_parser("demo", help="extract a built-in synthetic pair (no models needed)")
     demo.add_argument("folder", nargs="?", default="cndiff-demo",
@@ -139,6 +190,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         drop_unchanged=args.drop_unchanged,
         chunk_mb=args.chunk_mb,
         workers=args.workers,
+        hash_inputs=args.hash,
+        check_base=not args.no_check_base,
         progress=not args.quiet,
     )
     print(result)
@@ -174,6 +227,8 @@ def _run_batch(controls: list[str], base: str, args: argparse.Namespace, skipped
         drop_unchanged=args.drop_unchanged,
         chunk_mb=args.chunk_mb,
         workers=args.workers,
+        hash_inputs=args.hash,
+        check_base=not args.no_check_base,
         progress=not args.quiet,
     )
     results = results + skipped
@@ -182,6 +237,43 @@ def _run_batch(controls: list[str], base: str, args: argparse.Namespace, skipped
     else:
         print(format_summary(results))
     return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .identify import format_report, inspect_file
+
+    reports = [inspect_file(f) for f in args.files]
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        print("\n\n".join(format_report(r) for r in reports))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from .verify import format_verify, verify
+
+    report = verify(args.diff, args.control, args.base, check_base=not args.no_check_base,
+                    progress=not args.quiet)  # fmt: skip
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_verify(report, per_key=args.per_key))
+    return 0 if report.passed else 1
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from .apply import apply_diff
+
+    result = apply_diff(args.diff, args.base, args.out, dtype=args.dtype, device=args.device,
+                        overwrite=args.overwrite, chunk_mb=args.chunk_mb, workers=args.workers,
+                        progress=not args.quiet)  # fmt: skip
+    print(result)
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -214,7 +306,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(getattr(args, "quiet", False))
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        command = {"extract": _cmd_extract, "batch": _cmd_batch, "demo": _cmd_demo}[args.command]
+        command = {
+            "extract": _cmd_extract,
+            "batch": _cmd_batch,
+            "inspect": _cmd_inspect,
+            "verify": _cmd_verify,
+            "apply": _cmd_apply,
+            "demo": _cmd_demo,
+        }[args.command]
         if getattr(args, "quiet", True):
             return command(args)
         from tqdm.contrib.logging import logging_redirect_tqdm

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .engine import _read, _Slot, _Task
+from .engine import _compare_embedded, _read, _Slot, _Task
 from .errors import CndiffError
 
 __all__ = ["CudaCompute"]
@@ -29,6 +29,8 @@ class _CudaSlot(_Slot):
         self.b_pin = _pinned(chunk * 8)
         self.c_raw = self.c_pin.numpy()
         self.b_raw = self.b_pin.numpy()
+        self.e_raw = _pinned(chunk * 8).numpy()
+        self.matches = []
         self.o_pins: list[torch.Tensor] = []
         self.outs = []
         self.results = []
@@ -59,14 +61,16 @@ class CudaCompute:
         n = task.count
         slot.results = []
         slot.max_abs = []
+        slot.matches = []
         maxes: list[torch.Tensor | None] = []
         with torch.cuda.device(self.device), torch.cuda.stream(slot.stream):
             b = None
+            braw = None
             first_stream, first_item = task.members[0]
             if first_item.base_key is not None:
                 assert first_stream.base is not None
                 binfo = first_stream.base.info(first_item.base_key)
-                _read(first_stream.base, first_item.base_key, slot.b_raw, task.start, n)
+                braw = _read(first_stream.base, first_item.base_key, slot.b_raw, task.start, n)
                 b_host = slot.b_pin[: n * binfo.itemsize].view(binfo.dtype.to_torch())
                 b = b_host.to(self.device, non_blocking=True)
             for j, (s, item) in enumerate(task.members):
@@ -75,22 +79,30 @@ class CudaCompute:
                     # the pinned read buffer is reused: wait until the last copy left it
                     slot.stream.synchronize()
                     _read(s.control, item.control_key, slot.c_raw, task.start, n)
+                    match = None
+                    if s.embedded_prefix is not None and braw is not None:
+                        match = _compare_embedded(slot, s, item, braw, task)
                 except (CndiffError, OSError) as exc:
                     if len(task.members) == 1:
                         raise
                     slot.results.append(exc)
+                    slot.matches.append(None)
                     maxes.append(None)
                     continue
+                slot.matches.append(match)
                 c_host = slot.c_pin[: n * cinfo.itemsize].view(cinfo.dtype.to_torch())
                 c = c_host.to(self.device, non_blocking=True)
                 m = None
                 if b is None:
                     d = c.float() if c.dtype == torch.float64 else c
                 elif c.dtype == torch.float64 or b.dtype == torch.float64:
-                    d = (c.double() - b.double()).float()
-                else:
+                    d = c.double() - b.double() if s.op == "sub" else c.double() + b.double()
+                    d = d.float()
+                elif s.op == "sub":
                     d = c.float() - b.float()
-                if b is not None:
+                else:
+                    d = c.float() + b.float()
+                if b is not None and s.op == "sub":
                     m = torch.linalg.vector_norm(d, float("inf"))
                 out_dt = s.out_dtype
                 raw = slot.out(j)

@@ -44,6 +44,7 @@ __all__ = [
     "cast_from_float32",
     "resolve_device",
     "UNCHANGED_TOL",
+    "BaseMatchStats",
 ]
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,45 @@ class Stream:
     error: BaseException | None = None
     #: called with the stream when its last chunk went to the sink
     on_done: Callable[[Stream], None] | None = None
+    #: ``"sub"``: control - base (extract); ``"add"``: control + base (apply a diff)
+    op: str = "sub"
+    #: when set, compare the base with the UNet copy embedded in the control file under
+    #: this prefix (``model.diffusion_model.``), read chunk by chunk in the same pass
+    embedded_prefix: str | None = None
+    #: the result of that comparison
+    base_match: BaseMatchStats | None = None
+
+
+@dataclass
+class BaseMatchStats:
+    """How the base compares with the control file's embedded UNet, over mapped keys."""
+
+    keys: int = 0
+    elements: int = 0
+    identical: bool = True
+    max_abs: float = 0.0
+    sum_abs: float = 0.0
+    sum_sq_diff: float = 0.0
+    sum_sq_base: float = 0.0
+
+    @property
+    def mean_abs(self) -> float:
+        return self.sum_abs / self.elements if self.elements else 0.0
+
+    @property
+    def rel_rms(self) -> float:
+        """||base - embedded|| / ||base|| (Frobenius, over every compared element)."""
+        return (self.sum_sq_diff / self.sum_sq_base) ** 0.5 if self.sum_sq_base else 0.0
+
+    def add(self, other: tuple[bool, float, float, float, float, int], first: bool) -> None:
+        eq, mx, sa, sd, sb, n = other
+        self.identical &= eq
+        self.max_abs = max(self.max_abs, mx) if mx == mx else float("nan")
+        self.sum_abs += sa
+        self.sum_sq_diff += sd
+        self.sum_sq_base += sb
+        self.elements += n
+        self.keys += first
 
 
 @dataclass
@@ -197,8 +237,10 @@ class _Slot:
         self.bf = np.empty(chunk, dtype=np.float32)
         self.tmp = np.empty(chunk, dtype=np.uint32)
         self.outs: list[np.ndarray] = []
+        self.e_raw = np.empty(chunk * 8, dtype=np.uint8)
         self.results: list[np.ndarray | BaseException] = []
         self.max_abs: list[float] = []
+        self.matches: list[tuple | None] = []
 
     def out(self, j: int) -> np.ndarray:
         while len(self.outs) <= j:
@@ -278,21 +320,50 @@ def _chunk_cpu(
     assert s.base is not None and item.base_key is not None
     binfo = s.base.info(item.base_key)
     d = out if out_dt is F32 else slot.cf[:n]
+    op = np.subtract if s.op == "sub" else np.add
     if cinfo.dtype is F64 or binfo.dtype is F64:
-        np.copyto(d, np.subtract(craw, braw, dtype=np.float64), casting="unsafe")
+        np.copyto(d, op(craw, braw, dtype=np.float64), casting="unsafe")
     else:
         c = craw if cinfo.dtype is F32 else to_float32(craw, cinfo.dtype, slot.cf[:n])
         b = braw if binfo.dtype is F32 else to_float32(braw, binfo.dtype, slot.bf[:n])
-        np.subtract(c, b, out=d)
-    m = _max_abs(d)
+        op(c, b, out=d)
+    m = _max_abs(d) if s.op == "sub" else 0.0
     if out_dt is not F32:
         cast_from_float32(d, out_dt, out, slot.tmp[:n])
     return out, m
 
 
+def _compare_embedded(slot: _Slot, s: Stream, item: PlanItem, braw, task: _Task) -> tuple | None:
+    """Compare a base chunk with the same chunk of the control's embedded UNet copy."""
+    assert s.embedded_prefix is not None and item.base_key is not None and s.base is not None
+    ekey = s.embedded_prefix + item.control_key.split(".", 1)[1]
+    if ekey not in s.control.tensors or s.control.info(ekey).shape != item.shape:
+        return None
+    n = task.count
+    einfo, binfo = s.control.info(ekey), s.base.info(item.base_key)
+    eraw = _read(s.control, ekey, slot.e_raw, task.start, n)
+    e = eraw if einfo.dtype is F32 else to_float32(eraw, einfo.dtype, np.empty(n, np.float32))
+    b = braw if binfo.dtype is F32 else to_float32(braw, binfo.dtype, np.empty(n, np.float32))
+    eq = einfo.dtype is binfo.dtype and np.array_equal(eraw, braw)
+    return compare_chunk(e, b, eq)
+
+
+def compare_chunk(e: np.ndarray, b: np.ndarray, eq: bool) -> tuple:
+    """Statistics of ``b - e`` for :meth:`BaseMatchStats.add` (float64 sums)."""
+    diff = np.subtract(b, e, dtype=np.float64)
+    absd = np.abs(diff, out=diff)
+    mx = float(absd.max()) if absd.size else 0.0
+    sa = float(absd.sum())
+    sd = float(np.dot(absd, absd))
+    b64 = b.astype(np.float64)
+    sb = float(np.dot(b64, b64))
+    return (eq, mx, sa, sd, sb, absd.size)
+
+
 def _compute_cpu(slot: _Slot, task: _Task) -> _Slot:
     slot.results = []
     slot.max_abs = []
+    slot.matches = []
     braw = None
     first = task.members[0]
     if first[1].base_key is not None:
@@ -301,14 +372,19 @@ def _compute_cpu(slot: _Slot, task: _Task) -> _Slot:
     for j, (s, item) in enumerate(task.members):
         try:
             out, m = _chunk_cpu(slot, j, s, item, braw, task)
+            match = None
+            if s.embedded_prefix is not None and braw is not None:
+                match = _compare_embedded(slot, s, item, braw, task)
         except (CndiffError, OSError) as exc:
             if len(task.members) == 1:
                 raise
             slot.results.append(exc)
             slot.max_abs.append(0.0)
+            slot.matches.append(None)
             continue
         slot.results.append(out)
         slot.max_abs.append(m)
+        slot.matches.append(match)
     return slot
 
 
@@ -355,14 +431,18 @@ def run_streams(
         if s.error is None:
             s.error = exc
 
-    def deliver(task: _Task, results: Sequence[np.ndarray | BaseException], maxes) -> None:
-        for (s, item), res, m in zip(task.members, results, maxes):
+    def deliver(task: _Task, results: Sequence[np.ndarray | BaseException], maxes, matches) -> None:
+        for (s, item), res, m, match in zip(task.members, results, maxes, matches):
             if s.error is not None:
                 continue
             if isinstance(res, BaseException):
                 fail(s, res)
                 continue
-            if item.base_key is not None:
+            if match is not None:
+                if s.base_match is None:
+                    s.base_match = BaseMatchStats()
+                s.base_match.add(match, first=task.start == 0)
+            if item.base_key is not None and s.op == "sub":
                 prev = s.max_abs.get(item.key, 0.0)
                 s.max_abs[item.key] = m if (m != m or prev != prev) else max(prev, m)
             try:
@@ -387,8 +467,9 @@ def run_streams(
                 raise
             slot.results = [exc] * len(task.members)
             slot.max_abs = [0.0] * len(task.members)
+            slot.matches = [None] * len(task.members)
         try:
-            deliver(task, slot.results, slot.max_abs)
+            deliver(task, slot.results, slot.max_abs, slot.matches)
         finally:
             slot.results = []
             free.append(slot)
@@ -401,7 +482,7 @@ def run_streams(
                     while pending:
                         finish(*pending.popleft())
                     empties = [np.empty(0, dtype=s.out_dtype.numpy) for s, _ in task.members]
-                    deliver(task, empties, [0.0] * len(empties))
+                    deliver(task, empties, [0.0] * len(empties), [None] * len(empties))
                     continue
                 if not free:
                     if made < nslots:
