@@ -8,6 +8,8 @@ PosixPath('diff_control_sd15_canny_fp16.safetensors')
 
 from ._version import __version__
 from .api import ExtractResult, extract
+from .apply import apply_diff
+from .batch import ModelStatus, extract_many
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from .errors import (
     CheckpointError,
@@ -17,11 +19,20 @@ from .errors import (
     OutputExistsError,
     UnsafeCheckpointError,
 )
+from .identify import FileReport, inspect_file
+from .verify import VerifyReport, verify
 
 __all__ = [
     "__version__",
     "extract",
     "ExtractResult",
+    "extract_many",
+    "ModelStatus",
+    "apply_diff",
+    "verify",
+    "VerifyReport",
+    "inspect_file",
+    "FileReport",
     "open_checkpoint",
     "Checkpoint",
     "TensorInfo",
