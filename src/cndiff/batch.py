@@ -98,6 +98,11 @@ def extract_many(
     hash: bool = True,
     hash_inputs: bool = False,
     check_base: bool = True,
+    format: str = "difference",
+    rank: int | None = None,
+    max_error: float | None = None,
+    stability_compatible: bool = False,
+    svd: str = "auto",
     progress: bool = False,
 ) -> list[ModelStatus]:
     """Convert several ControlNet checkpoints against one base, reading the base once.
@@ -114,6 +119,11 @@ def extract_many(
     dev = resolve_device(device)
     if out_dir is not None and not Path(out_dir).is_dir():
         raise CndiffError(f"output folder {out_dir} does not exist; create it first")
+    if format == "control-lora":
+        lora = {"rank": rank, "max_error": max_error, "svd": svd,
+                "stability_compatible": stability_compatible}  # fmt: skip
+        return [_lora_one(Path(c), base, out_dir, dtype, device, overwrite, lora, progress)
+                for c in controls]  # fmt: skip
     statuses = {Path(c): ModelStatus(Path(c), "failed") for c in controls}
     with ExitStack() as stack:
         shared = None
@@ -156,6 +166,23 @@ def extract_many(
                 st.reason = str(job.error) if job.error else "unknown error"
                 log.warning("%s: failed: %s", job.control_path.name, st.reason)
     return [statuses[Path(c)] for c in controls]
+
+
+def _lora_one(control: Path, base, out_dir, dtype, device, overwrite, lora, progress):
+    """One model of a Control-LoRA batch (each reads the base: SVDs dominate the time)."""
+    from .api import extract
+
+    st = ModelStatus(control, "failed")
+    try:
+        r = extract(control, base, out_dir, dtype=dtype, device=device, overwrite=overwrite,
+                    format="control-lora", progress=progress, **lora)  # fmt: skip
+    except CndiffError as exc:
+        st.reason = str(exc)
+        log.warning("%s: failed: %s", control.name, exc)
+        return st
+    st.status, st.output, st.bytes, st.seconds = "written", r.output, r.bytes, r.seconds
+    st.reason = f"relative error {r.overall_rel_error:.4f}"
+    return st
 
 
 def _size(n: int) -> str:

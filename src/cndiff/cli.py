@@ -53,6 +53,27 @@ def _add_provenance(p: argparse.ArgumentParser) -> None:
                    "control file (reads another 1.4 GB for SD1.5)")  # fmt: skip
 
 
+def _add_lora(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Control-LoRA (--format control-lora)")
+    g.add_argument("--format", choices=["difference", "control-lora"], default="difference",
+                   help="difference model (default, exact) or Control-LoRA (about 5x smaller, "
+                   "lossy, loaded by every loader including Forge)")  # fmt: skip
+    ranks = g.add_mutually_exclusive_group()
+    ranks.add_argument("--rank", type=int, default=None, metavar="N",
+                       help="rank of every factorized layer (default: 128)")  # fmt: skip
+    ranks.add_argument(
+        "--max-error",
+        type=float,
+        default=None,
+        metavar="E",
+        help="per layer, the smallest rank with ||D - up@down||/||D|| <= E",
+    )
+    g.add_argument("--stability-compatible", action="store_true",
+                   help="the layout of Stability's SD1.5 rank-128 files (463 keys)")  # fmt: skip
+    g.add_argument("--svd", choices=["auto", "gram", "exact", "lowrank"], default="auto",
+                   help="SVD method (default auto = gram: exact and fastest on a CPU)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cndiff",
@@ -80,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("-o", "--out", help="output file, or an existing folder")
     ex.add_argument("--json", action="store_true", help="print the batch summary as JSON")
     _add_provenance(ex)
+    _add_lora(ex)
     ex.add_argument("--drop-unchanged", action="store_true",
                     help="leave out keys equal to the base (as the original script does; "
                     "loaders then rebuild them wrongly)")  # fmt: skip
@@ -98,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("-o", "--out", help="output folder (default: MODELS_DIR)")
     ba.add_argument("--json", action="store_true", help="print the summary as JSON")
     _add_provenance(ba)
+    _add_lora(ba)
     ba.add_argument(
         "--drop-unchanged",
         action="store_true",
@@ -192,9 +215,19 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         workers=args.workers,
         hash_inputs=args.hash,
         check_base=not args.no_check_base,
+        format=args.format,
+        rank=args.rank,
+        max_error=args.max_error,
+        stability_compatible=args.stability_compatible,
+        svd=args.svd,
         progress=not args.quiet,
     )
     print(result)
+    worst = getattr(result, "worst", None)
+    if worst is not None:
+        for layer in worst(3):
+            print(f"  worst layer: {layer.key} rank {layer.rank}, "
+                  f"relative error {layer.rel_error:.4f}")  # fmt: skip
     return 0
 
 
@@ -229,6 +262,11 @@ def _run_batch(controls: list[str], base: str, args: argparse.Namespace, skipped
         workers=args.workers,
         hash_inputs=args.hash,
         check_base=not args.no_check_base,
+        format=args.format,
+        rank=args.rank,
+        max_error=args.max_error,
+        stability_compatible=args.stability_compatible,
+        svd=args.svd,
         progress=not args.quiet,
     )
     results = results + skipped
@@ -326,6 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cndiff: interrupted; no output written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into head & co.
+        sys.stderr.close()
+        return 141
 
 
 if __name__ == "__main__":
