@@ -100,6 +100,45 @@ def _naive(*options: str) -> Callable[[Job], list[str]]:
     return command
 
 
+BATCH_NAMES = ["canny", "depth", "hed", "mlsd", "normal", "openpose", "scribble", "seg"]
+BATCH_RSS_TARGET = 1024 * MB
+
+
+def _batch_dirs(job: Job) -> tuple[Path, Path]:
+    src, dst = job.out_dir / "batch-in", job.out_dir / "batch-out"
+    src.mkdir(parents=True, exist_ok=True)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in BATCH_NAMES:
+        link = src / f"control_sd15_{name}.pth"
+        if not link.exists():
+            os.link(job.control, link)
+    return src, dst
+
+
+def _batch_command(job: Job) -> list[str]:
+    src, dst = _batch_dirs(job)
+    return [
+        job.python,
+        "-m",
+        "cndiff",
+        "batch",
+        str(src),
+        str(job.base),
+        "-o",
+        str(dst),
+        "--overwrite",
+        "-q",
+        "--device",
+        "cpu",
+    ]
+
+
+def _batch_outputs(job: Job) -> list[Path]:
+    return [
+        job.out_dir / "batch-out" / f"diff_control_sd15_{n}_fp16.safetensors" for n in BATCH_NAMES
+    ]
+
+
 # fmt: off
 RUNNERS: dict[str, Runner] = {
     r.name: r
@@ -116,17 +155,11 @@ RUNNERS: dict[str, Runner] = {
         Runner("naive-mmap", "benchmarks/naive.py --mmap: torch.load(..., mmap=True)",
                _naive("--mmap")),
         # ---- add rows here ------------------------------------------------------------
-        # A batch runner (one process, 8 control files against one base) needs its own
-        # command, its outputs and its inputs, e.g.:
-        #
-        # Runner("cndiff-batch", "cndiff batch: 8 controls, one base",
-        #        lambda job: [job.python, "-m", "cndiff", "batch", ...,
-        #                     "-o", str(job.out_dir / "batch"), "--overwrite", "-q"],
-        #        outputs=lambda job: sorted((job.out_dir / "batch").glob("*.safetensors")),
-        #        inputs=lambda job: [*BATCH_CONTROLS, job.base],
-        #        subject=True),
-        #
-        # Its wall time covers 8 outputs; the table prints the output count per run.
+        Runner("cndiff-batch", "cndiff batch: 8 controls against one base read once "
+               "(the 8 are hard links of the one generated control: they share page "
+               "cache, so this row measures memory and CPU, not 8x the disk reads)",
+               _batch_command, outputs=_batch_outputs,
+               inputs=lambda job: [job.control, job.base]),
     ]
 }
 # fmt: on
@@ -901,6 +934,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "holds": None if r is None else r <= limit,
                 }
             )
+    if "cndiff-batch" in args.runner_list:
+        rss = [med("cndiff-batch", c, "rss") for c in args.cache_list]
+        rss_v = max((v for v in rss if v is not None), default=None)
+        targets.append(
+            {
+                "runner": "cndiff-batch",
+                "target": f"peak RSS <= {BATCH_RSS_TARGET / MB:.0f} MB (8 models)",
+                "value": rss_v,
+                "shown": fmt_bytes(rss_v),
+                "holds": None if rss_v is None else rss_v <= BATCH_RSS_TARGET,
+            }
+        )
     if targets:
         report += ["", "targets"]
         for t in targets:
