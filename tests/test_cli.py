@@ -194,3 +194,26 @@ def test_drop_in_script_drop_unchanged(sd15_pair, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert_bit_equal(load_file(str(out)), naive_diff(control, base, "fp16", drop_unchanged=True))
+
+
+@pytest.mark.parametrize("which", ["control", "base"])
+def test_output_may_not_be_an_input(sd15_pair, tmp_path, capsys, which):
+    control, base = sd15_pair
+    c = tmp_path / "c.pth"
+    b = tmp_path / "b.ckpt"
+    c.write_bytes(control.read_bytes())
+    b.write_bytes(base.read_bytes())
+    target = c if which == "control" else b
+    before = target.read_bytes()
+    rc = main(["extract", str(c), str(b), "-o", str(target), "--overwrite", "-q"])
+    assert rc == 1
+    assert "is the input" in capsys.readouterr().err
+    assert target.read_bytes() == before
+
+
+def test_output_name_that_is_a_folder(sd15_pair, tmp_path, capsys):
+    control, base = sd15_pair
+    (tmp_path / f"diff_{control.stem}_fp16.safetensors").mkdir()
+    rc = main(["extract", str(control), str(base), "-o", str(tmp_path), "--overwrite", "-q"])
+    assert rc == 1
+    assert "is a folder" in capsys.readouterr().err

@@ -109,6 +109,16 @@ def resolve_output(
     return o
 
 
+def check_target(target: Path, inputs: list[Path]) -> None:
+    """Refuse an output path that is a folder or one of the input files."""
+    if target.is_dir():
+        raise OutputError(f"output {target} is a folder; remove it or choose another -o")
+    if target.exists():
+        for src in inputs:
+            if os.path.samefile(target, src):
+                raise OutputError(f"output {target} is the input {src.name}; choose another -o")
+
+
 def open_base(base: str | os.PathLike[str], control: Checkpoint) -> tuple[Checkpoint, str]:
     """Open the base checkpoint, or use the control file's own UNet copy for ``"self"``.
 
@@ -282,6 +292,7 @@ def _prepare(
         base_prefix=prefix,
     )
     target = resolve_output(ctl.path, out, dt)
+    check_target(target, [ctl.path, bse.path])
     remove_stale_temp_files(target)
     if target.exists() and not overwrite:
         if skip_complete and is_complete_difference(target):

@@ -21,6 +21,7 @@ from .api import (
     _execute,
     _Job,
     _out_dtype,
+    check_target,
     open_base,
     resolve_device,
 )
@@ -89,8 +90,9 @@ def apply_diff(
         name = default_apply_name(d.path, b.path, dt.name)
         o = Path(out) if out is not None else d.path.parent
         target = o / name if o.is_dir() else o
-        if target.is_dir() or not target.parent.is_dir():
+        if not target.parent.is_dir():
             raise OutputError(f"folder {target.parent} does not exist; create it first")
+        check_target(target, [d.path, b.path])
         remove_stale_temp_files(target)
         if target.exists() and not overwrite:
             raise OutputExistsError(f"{target} exists; pass --overwrite to replace it")

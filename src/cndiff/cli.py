@@ -332,6 +332,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
+    print("cndiff: terminated; no output written", file=sys.stderr)
     raise SystemExit(128 + signum)
 
 

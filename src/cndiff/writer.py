@@ -9,13 +9,17 @@ never held in memory.
 The file is written under a temporary name beside the target and moved into place only
 when it is complete and flushed to disk; on any error, or Ctrl-C, the temporary file is
 removed and the target is untouched. Without ``overwrite`` the final move refuses to
-replace a file that appeared meanwhile.
+replace a file that appeared meanwhile. A temporary file holds an exclusive ``flock``
+while it is written, so that :func:`remove_stale_temp_files` (run before writing) removes
+only those of killed runs, even when the writer's process id means nothing here (another
+container sharing the folder).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -101,12 +105,29 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _locked(path: Path) -> bool:
+    """True when a writer holds ``path``'s lock (it is being written right now)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # (closing releases the lock we may have taken)
+    return False
+
+
 def remove_stale_temp_files(target: Path) -> list[Path]:
     """Remove temporary files of ``target`` whose writing process is gone (killed runs)."""
     removed = []
     for p in temp_files_for(target):
         m = _TMP_RE.match(p.name)
-        if m and not _pid_alive(int(m.group("pid"))):
+        if m and not _pid_alive(int(m.group("pid"))) and not _locked(p):
             try:
                 p.unlink()
                 removed.append(p)
@@ -161,7 +182,11 @@ class SafetensorsWriter:
 
     # -- lifecycle ---------------------------------------------------------------------
     def __enter__(self) -> SafetensorsWriter:
-        self.open()
+        try:
+            self.open()
+        except BaseException:  # Ctrl-C while writing the header: __exit__ won't run
+            self.abort()
+            raise
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -181,6 +206,8 @@ class SafetensorsWriter:
         except OSError as exc:
             self.tmp = None
             raise _os_error(exc, t) from None
+        with contextlib.suppress(OSError):  # not every filesystem locks; then pids decide
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._raw_write(memoryview(self._header))
 
     def _raw_write(self, view: memoryview) -> None:
@@ -232,13 +259,7 @@ class SafetensorsWriter:
             if self.overwrite:
                 os.replace(self.tmp, self.target)
             else:
-                try:
-                    os.link(self.tmp, self.target)
-                except FileExistsError:
-                    raise OutputExistsError(
-                        f"{self.target} appeared while writing; pass --overwrite to replace it"
-                    ) from None
-                os.unlink(self.tmp)
+                _move_no_replace(self.tmp, self.target)
             self.tmp = None
             _fsync_dir(self.target.parent)
         except OSError as exc:
@@ -261,6 +282,34 @@ class SafetensorsWriter:
             with contextlib.suppress(OSError):
                 os.unlink(self.tmp)
             self.tmp = None
+
+
+# link() failing this way means the filesystem has no hard links (FAT, exFAT, some
+# network and FUSE mounts), not that the folder is read-only
+_NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
+
+
+def _move_no_replace(tmp: Path, target: Path) -> None:
+    """Move ``tmp`` to ``target``, refusing to replace a file that appeared meanwhile."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise OutputExistsError(
+            f"{target} exists (it appeared while writing: another run?); pass --overwrite to "
+            "replace it"
+        ) from None
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+        # No hard links here: check, then rename (a file appearing in between is replaced).
+        if os.path.lexists(target):
+            raise OutputExistsError(
+                f"{target} exists (it appeared while writing: another run?); pass --overwrite to "
+                "replace it"
+            ) from None
+        os.rename(tmp, target)
+        return
+    os.unlink(tmp)
 
 
 def _fsync_dir(folder: Path) -> None:
