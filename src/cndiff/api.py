@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .checkpoint import Checkpoint, open_checkpoint
-from .dtypes import OUTPUT_DTYPES, DType, by_name
+from .dtypes import DType, output_dtype, short_name
 from .engine import DEFAULT_CHUNK_MB, UNCHANGED_TOL, Stream, resolve_device, run_streams
 from .errors import CndiffError, OutputError, OutputExistsError
 from .fingerprint import BaseMatch, classify_base
@@ -74,31 +74,16 @@ class ExtractResult:
         )
 
 
-def _out_dtype(dtype: str | DType) -> DType:
-    if isinstance(dtype, DType):
-        dt = dtype
-    else:
-        dt = OUTPUT_DTYPES.get(str(dtype).lower()) or by_name(dtype)
-    if dt.name not in ("float16", "bfloat16", "float32"):
-        raise CndiffError(f"output dtype must be fp16, bf16 or fp32, not {dtype!r}")
-    return dt
-
-
-_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
-
-
 def default_output_name(control: str | os.PathLike[str], dtype: str | DType = "fp16") -> str:
     """``diff_<control stem>_<dtype>.safetensors``, the name sd-webui-controlnet users know."""
-    return f"diff_{Path(control).stem}_{_SHORT[_out_dtype(dtype).name]}.safetensors"
+    return f"diff_{Path(control).stem}_{short_name(output_dtype(dtype))}.safetensors"
 
 
-def resolve_output(
-    control: str | os.PathLike[str], out: str | os.PathLike[str] | None, dtype: DType
-) -> Path:
-    """Where the output goes: beside the control file, in folder ``out``, or at ``out``."""
-    name = default_output_name(control, dtype)
+def resolve_output(source: Path, out: str | os.PathLike[str] | None, name: str) -> Path:
+    """Where an output named ``name`` goes: beside ``source``, in folder ``out``, or at
+    ``out`` itself."""
     if out is None:
-        return Path(control).parent / name
+        return source.parent / name
     o = Path(out)
     if o.is_dir() or str(out).endswith(("/", os.sep)):
         if not o.exists():
@@ -107,6 +92,28 @@ def resolve_output(
     if not o.parent.exists():
         raise OutputError(f"folder {o.parent} does not exist; create it or choose another -o")
     return o
+
+
+def prepare_target(
+    source: Path,
+    out: str | os.PathLike[str] | None,
+    name: str,
+    inputs: list[Path],
+    *,
+    overwrite: bool,
+    skip_complete: bool = False,
+) -> Path:
+    """Decide and check an output path before any work: not a folder, not an input,
+    leftover temporary files of killed runs removed, and an existing file refused unless
+    ``overwrite`` (or skipped, with ``skip_complete``, when it is a complete diff)."""
+    target = resolve_output(source, out, name)
+    check_target(target, inputs)
+    remove_stale_temp_files(target)
+    if target.exists() and not overwrite:
+        if skip_complete and is_complete_difference(target):
+            raise _Skip(target)
+        raise OutputExistsError(f"{target} exists; pass --overwrite to replace it")
+    return target
 
 
 def check_target(target: Path, inputs: list[Path]) -> None:
@@ -222,7 +229,7 @@ def extract(
         raise CndiffError("--rank, --max-error, --stability-compatible and --svd need "
                           "--format control-lora")  # fmt: skip
     t0 = time.perf_counter()
-    dt = _out_dtype(dtype)
+    dt = output_dtype(dtype)
     dev = resolve_device(device)
     with ExitStack() as stack:
         job = _prepare(Path(control), base, out, dt, overwrite, stack, skip_complete=False)
@@ -291,13 +298,9 @@ def _prepare(
         base_name="the embedded UNet" if is_self else bse.path.name,
         base_prefix=prefix,
     )
-    target = resolve_output(ctl.path, out, dt)
-    check_target(target, [ctl.path, bse.path])
-    remove_stale_temp_files(target)
-    if target.exists() and not overwrite:
-        if skip_complete and is_complete_difference(target):
-            raise _Skip(target)
-        raise OutputExistsError(f"{target} exists; pass --overwrite to replace it")
+    target = prepare_target(ctl.path, out, default_output_name(ctl.path, dt),
+                            [ctl.path, bse.path], overwrite=overwrite,
+                            skip_complete=skip_complete)  # fmt: skip
     return _Job(control, ctl, bse, is_self, plan, target)
 
 

@@ -15,20 +15,18 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .api import (
-    _SHORT,
     DEFAULT_CHUNK_MB,
     ExtractResult,
     _execute,
     _Job,
-    _out_dtype,
-    check_target,
     open_base,
+    prepare_target,
     resolve_device,
 )
 from .checkpoint import open_checkpoint
-from .errors import CheckpointError, OutputError, OutputExistsError
+from .dtypes import output_dtype, short_name
+from .errors import CheckpointError
 from .keys import DIFFERENCE_KEY, plan_diff, require_control_keys
-from .writer import remove_stale_temp_files
 
 __all__ = ["apply_diff", "default_apply_name"]
 
@@ -41,7 +39,7 @@ def default_apply_name(diff: str | os.PathLike[str], base: str | os.PathLike[str
     stem = stem.removeprefix("diff_")
     for suffix in ("_fp16", "_bf16", "_fp32"):
         stem = stem.removesuffix(suffix)
-    return f"{stem}_{Path(base).stem}_{_SHORT[_out_dtype(dtype).name]}.safetensors"
+    return f"{stem}_{Path(base).stem}_{short_name(output_dtype(dtype))}.safetensors"
 
 
 def apply_diff(
@@ -72,7 +70,7 @@ def apply_diff(
             output exists without ``overwrite``...
     """
     t0 = time.perf_counter()
-    dt = _out_dtype(dtype)
+    dt = output_dtype(dtype)
     dev = resolve_device(device)
     with ExitStack() as stack:
         d = open_checkpoint(diff)
@@ -88,14 +86,7 @@ def apply_diff(
         plan = plan_diff(d.tensors, b.tensors, control_name=d.path.name,
                          base_name=b.path.name, base_prefix=prefix)  # fmt: skip
         name = default_apply_name(d.path, b.path, dt.name)
-        o = Path(out) if out is not None else d.path.parent
-        target = o / name if o.is_dir() else o
-        if not target.parent.is_dir():
-            raise OutputError(f"folder {target.parent} does not exist; create it first")
-        check_target(target, [d.path, b.path])
-        remove_stale_temp_files(target)
-        if target.exists() and not overwrite:
-            raise OutputExistsError(f"{target} exists; pass --overwrite to replace it")
+        target = prepare_target(d.path, out, name, [d.path, b.path], overwrite=overwrite)
         job = _Job(Path(diff), d, b, False, plan, target, op="add", kind="standalone")
         _execute([job], dt, dev, False, chunk_mb, workers, False, progress, t0,
                  isolate=False, check_base=False)  # fmt: skip

@@ -19,11 +19,11 @@ from .api import (
     ExtractResult,
     _execute,
     _Job,
-    _out_dtype,
     _prepare,
     _Skip,
 )
 from .checkpoint import open_checkpoint
+from .dtypes import output_dtype
 from .engine import resolve_device
 from .errors import CndiffError
 from .keys import CONTROL_PREFIX
@@ -115,7 +115,7 @@ def extract_many(
     :class:`ModelStatus` per control, in the order given.
     """
     t0 = time.perf_counter()
-    dt = _out_dtype(dtype)
+    dt = output_dtype(dtype)
     dev = resolve_device(device)
     if out_dir is not None and not Path(out_dir).is_dir():
         raise CndiffError(f"output folder {out_dir} does not exist; create it first")

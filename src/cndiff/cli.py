@@ -194,6 +194,26 @@ def _base_arg(positional: str | None, option: str | None) -> str:
     return base
 
 
+def _options(args: argparse.Namespace) -> dict:
+    """The keyword arguments extract and extract_many share, from the command line."""
+    return {
+        "dtype": args.dtype,
+        "device": args.device,
+        "overwrite": args.overwrite,
+        "drop_unchanged": args.drop_unchanged,
+        "chunk_mb": args.chunk_mb,
+        "workers": args.workers,
+        "hash_inputs": args.hash,
+        "check_base": not args.no_check_base,
+        "format": args.format,
+        "rank": args.rank,
+        "max_error": args.max_error,
+        "stability_compatible": args.stability_compatible,
+        "svd": args.svd,
+        "progress": not args.quiet,
+    }
+
+
 def _cmd_extract(args: argparse.Namespace) -> int:
     from .api import extract
 
@@ -203,25 +223,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     base = _base_arg(None if args.base_opt else paths.pop(), args.base_opt)
     if len(paths) > 1:
         return _run_batch(paths, base, args, skipped=[])
-    result = extract(
-        paths[0],
-        base,
-        args.out,
-        dtype=args.dtype,
-        device=args.device,
-        overwrite=args.overwrite,
-        drop_unchanged=args.drop_unchanged,
-        chunk_mb=args.chunk_mb,
-        workers=args.workers,
-        hash_inputs=args.hash,
-        check_base=not args.no_check_base,
-        format=args.format,
-        rank=args.rank,
-        max_error=args.max_error,
-        stability_compatible=args.stability_compatible,
-        svd=args.svd,
-        progress=not args.quiet,
-    )
+    result = extract(paths[0], base, args.out, **_options(args))
     print(result)
     worst = getattr(result, "worst", None)
     if worst is not None:
@@ -250,25 +252,7 @@ def _run_batch(controls: list[str], base: str, args: argparse.Namespace, skipped
 
     if args.out is not None and not os.path.isdir(args.out):
         raise CndiffError(f"with several models, -o must be an existing folder ({args.out})")
-    results = extract_many(
-        controls,
-        base,
-        args.out,
-        dtype=args.dtype,
-        device=args.device,
-        overwrite=args.overwrite,
-        drop_unchanged=args.drop_unchanged,
-        chunk_mb=args.chunk_mb,
-        workers=args.workers,
-        hash_inputs=args.hash,
-        check_base=not args.no_check_base,
-        format=args.format,
-        rank=args.rank,
-        max_error=args.max_error,
-        stability_compatible=args.stability_compatible,
-        svd=args.svd,
-        progress=not args.quiet,
-    )
+    results = extract_many(controls, base, args.out, **_options(args))
     results = results + skipped
     if args.json:
         print(json.dumps(summary_json(results), indent=2))

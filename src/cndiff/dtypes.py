@@ -15,7 +15,16 @@ import numpy as np
 
 from .errors import CndiffError
 
-__all__ = ["DType", "DTYPES", "by_name", "by_safetensors", "by_torch", "OUTPUT_DTYPES"]
+__all__ = [
+    "DType",
+    "DTYPES",
+    "by_name",
+    "by_safetensors",
+    "by_torch",
+    "OUTPUT_DTYPES",
+    "output_dtype",
+    "short_name",
+]
 
 
 @dataclass(frozen=True)
@@ -105,3 +114,19 @@ def by_safetensors(code: str) -> DType | None:
 def by_torch(dtype: object) -> DType:
     """The dtype matching a ``torch.dtype``."""
     return by_name(str(dtype))
+
+
+def output_dtype(dtype: str | DType) -> DType:
+    """The output dtype named by ``dtype`` (``fp16``, ``bf16``, ``fp32`` or their long
+    names); anything else is a :class:`CndiffError`."""
+    dt = dtype if isinstance(dtype, DType) else OUTPUT_DTYPES.get(str(dtype).lower())
+    if dt is None:
+        dt = by_name(str(dtype))
+    if dt not in OUTPUT_DTYPES.values():
+        raise CndiffError(f"output dtype must be fp16, bf16 or fp32, not {dtype!r}")
+    return dt
+
+
+def short_name(dtype: DType) -> str:
+    """``fp16``, ``bf16`` or ``fp32``: how file names and the command line say it."""
+    return {v.name: k for k, v in OUTPUT_DTYPES.items()}.get(dtype.name, dtype.name)

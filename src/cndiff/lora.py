@@ -57,10 +57,10 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from . import _version
 from .checkpoint import Checkpoint, open_checkpoint
-from .dtypes import F32, OUTPUT_DTYPES, DType, by_name
-from .errors import CndiffError, OutputError, OutputExistsError
+from .dtypes import F32, DType, by_name, output_dtype, short_name
+from .errors import CndiffError
 from .keys import CONTROL_PREFIX, plan_diff, require_control_keys, unet_prefix
-from .writer import OutputEntry, SafetensorsWriter, remove_stale_temp_files
+from .writer import OutputEntry, SafetensorsWriter
 
 if TYPE_CHECKING:
     import torch
@@ -92,7 +92,6 @@ LOWRANK_OVERSAMPLE = 10
 
 SvdMethod = Literal["auto", "gram", "exact", "lowrank"]
 _SVD_METHODS = ("auto", "gram", "exact", "lowrank")
-_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
 class _HasShape(Protocol):
@@ -288,22 +287,13 @@ class LoraResult:
         return (
             f"{self.output}: Control-LoRA ({how}{span}), {self.keys_written} tensors "
             f"({self.factored} factorized, {self.full} full), {self.params:,} parameters, "
-            f"{_SHORT.get(self.dtype, self.dtype)}, {self.bytes / 1e6:.1f} MB in "
+            f"{short_name(by_name(self.dtype))}, {self.bytes / 1e6:.1f} MB in "
             f"{self.seconds:.2f} s; relative error {self.overall_rel_error:.4f} "
             f"(energy kept {self.energy:.2%})"
         )
 
 
 # -- naming ----------------------------------------------------------------------------------
-
-
-def _out_dtype(dtype: str | DType) -> DType:
-    dt = dtype if isinstance(dtype, DType) else OUTPUT_DTYPES.get(str(dtype).lower())
-    if dt is None:
-        dt = by_name(str(dtype))
-    if dt.name not in _SHORT:
-        raise CndiffError(f"output dtype must be fp16, bf16 or fp32, not {dtype!r}")
-    return dt
 
 
 def default_lora_name(
@@ -316,21 +306,8 @@ def default_lora_name(
     """``control_lora_rank<N>_<control stem>_<dtype>.safetensors``
     (``control_lora_maxerr<E>_...`` with ``max_error``)."""
     tag = f"maxerr{max_error:g}" if max_error is not None else f"rank{rank or DEFAULT_RANK}"
-    short = _SHORT[_out_dtype(dtype).name]
+    short = short_name(output_dtype(dtype))
     return f"control_lora_{tag}_{Path(control).stem}_{short}.safetensors"
-
-
-def _resolve_output(control: Path, out: str | os.PathLike[str] | None, name: str) -> Path:
-    if out is None:
-        return control.parent / name
-    o = Path(out)
-    if o.is_dir() or str(out).endswith(("/", os.sep)):
-        if not o.exists():
-            raise OutputError(f"output folder {o} does not exist; create it first")
-        return o / name
-    if not o.parent.exists():
-        raise OutputError(f"folder {o.parent} does not exist; create it or choose another -o")
-    return o
 
 
 # -- factorization ---------------------------------------------------------------------------
@@ -594,7 +571,7 @@ def extract_control_lora(
     """
     import torch
 
-    from .api import open_base
+    from .api import open_base, prepare_target
     from .engine import resolve_device
 
     t0 = time.perf_counter()
@@ -609,7 +586,7 @@ def extract_control_lora(
         rank = DEFAULT_RANK if rank is None else int(rank)
         if rank < 1:
             raise CndiffError(f"rank must be at least 1, not {rank}")
-    dt = _out_dtype(dtype)
+    dt = output_dtype(dtype)
     method = _resolve_svd(svd, max_error)
     dev = resolve_device(device)
     with ExitStack() as stack:
@@ -630,12 +607,7 @@ def extract_control_lora(
             base_name="the embedded UNet" if is_self else bse.path.name,
         )
         name = default_lora_name(ctl.path, rank, dt, max_error=max_error)
-        target = _resolve_output(ctl.path, out, name)
-        remove_stale_temp_files(target)
-        if target.is_dir():
-            raise OutputError(f"output {target} is a folder; name a file, or pass the folder")
-        if target.exists() and not overwrite:
-            raise OutputExistsError(f"{target} exists; pass --overwrite to replace it")
+        target = prepare_target(ctl.path, out, name, [ctl.path, bse.path], overwrite=overwrite)
 
         # 1. factorize every mirrored Linear/Conv2d weight (kept in the output dtype)
         t_svd = time.perf_counter()
