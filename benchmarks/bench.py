@@ -155,6 +155,17 @@ RUNNERS: dict[str, Runner] = {
         Runner("naive-mmap", "benchmarks/naive.py --mmap: torch.load(..., mmap=True)",
                _naive("--mmap")),
         # ---- add rows here ------------------------------------------------------------
+        Runner("cndiff-lora", "cndiff extract --format control-lora (rank 128, fp16, exact "
+               "Gram SVD)", lambda job: [job.python, "-m", "cndiff", "extract", str(job.control),
+               str(job.base), "-o", str(job.out_dir / "lora.safetensors"), "--overwrite", "-q",
+               "--device", "cpu", "--format", "control-lora"],
+               outputs=lambda job: [job.out_dir / "lora.safetensors"]),
+        Runner("cndiff-lora-lowrank", "the same with --svd lowrank (randomized)",
+               lambda job: [job.python, "-m", "cndiff", "extract", str(job.control),
+               str(job.base), "-o", str(job.out_dir / "lora-lowrank.safetensors"),
+               "--overwrite", "-q", "--device", "cpu", "--format", "control-lora",
+               "--svd", "lowrank"],
+               outputs=lambda job: [job.out_dir / "lora-lowrank.safetensors"]),
         Runner("cndiff-batch", "cndiff batch: 8 controls against one base read once "
                "(the 8 are hard links of the one generated control: they share page "
                "cache, so this row measures memory and CPU, not 8x the disk reads)",
@@ -621,8 +632,9 @@ def summarize(runs: list[Run]) -> dict[tuple[str, str], dict[str, Any]]:
 def print_table(
     rows: dict[tuple[str, str], dict[str, Any]], order: list[str], caches: list[str]
 ) -> list[str]:
+    w = max([16, *(len(label) + 1 for label in order)])
     head = (
-        f"{'runner':<16}{'cache':<6}{'n':>2} {'wall med':>9} {'min-max':>13} {'+sync':>6} "
+        f"{'runner':<{w}}{'cache':<6}{'n':>2} {'wall med':>9} {'min-max':>13} {'+sync':>6} "
         f"{'cpu s':>6} {'peak RSS':>9} {'disk read':>9} {'written':>9} {'output':>8} "
         f"{'keys':>5} {'cached':>6}"
     )
@@ -633,14 +645,14 @@ def print_table(
             if row is None:
                 continue
             if not row["n"]:
-                lines.append(f"{label:<16}{cache:<6}{0:>2} all {row['failed']} run(s) failed")
+                lines.append(f"{label:<{w}}{cache:<6}{0:>2} all {row['failed']} run(s) failed")
                 continue
             mm = f"{row['wall_min']:.2f}-{row['wall_max']:.2f}"
             cached = "-" if row["resident"] is None else f"{100 * row['resident']:.0f}%"
             keys = "-" if row["keys"] is None else str(row["keys"])
             out = fmt_bytes(row["out"]) + (f" x{row['files']}" if row["files"] > 1 else "")
             lines.append(
-                f"{label:<16}{cache:<6}{row['n']:>2} {row['wall']:>7.2f} s {mm:>13} "
+                f"{label:<{w}}{cache:<6}{row['n']:>2} {row['wall']:>7.2f} s {mm:>13} "
                 f"{row['sync']:>6.2f} {row['cpu']:>6.1f} {fmt_bytes(row['rss']):>9} "
                 f"{fmt_bytes(row['read']):>9} {fmt_bytes(row['written']):>9} {out:>8} "
                 f"{keys:>5} {cached:>6}" + (f"  ({row['failed']} failed)" if row["failed"] else "")
