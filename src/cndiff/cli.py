@@ -306,7 +306,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
-    control, base = make_pair(folder, tiny())
+    control, base = make_pair(folder, tiny(), embedded_unet="same")
     print(f"synthetic pair: {control} ({control.stat().st_size:,} B), "
           f"{base} ({base.stat().st_size:,} B)")  # fmt: skip
     result = extract(control, base, folder, dtype=args.dtype, device=args.device,
