@@ -38,6 +38,7 @@ from .unpickle import (
     restricted_load,
     safe_repr,
     scan_pickle,
+    shape_too_large,
     storage_from_pid,
 )
 
@@ -433,10 +434,7 @@ def _open_safetensors(p: Path, fd: int, size: int) -> Checkpoint:
 def _check_empty_shape(p: Path, key: str, shape: tuple[int, ...]) -> None:
     # A tensor with a 0 in its shape holds nothing, but numpy refuses to even describe
     # (0, 2**70); refuse it here rather than fail when it is read.
-    n = 1
-    for d in shape:
-        n *= d or 1
-    if n >= 1 << 62:
+    if shape_too_large(shape):
         raise CheckpointError(
             f"{p.name}: tensor {safe_repr(key)} has an impossible shape {safe_repr(list(shape))}"
         )

@@ -200,6 +200,14 @@ def _check_int_tuple(value: Any, what: str) -> tuple[int, ...]:
     return value
 
 
+def shape_too_large(shape: tuple[int, ...]) -> bool:
+    """True when the product of the non-zero dimensions cannot be an element count."""
+    n = 1
+    for d in shape:
+        n *= d or 1
+    return n >= 1 << 62
+
+
 def _rebuild_tensor_v2(
     storage: Any, storage_offset: Any, size: Any, stride: Any, *_rest: Any
 ) -> TensorRef:
@@ -232,15 +240,11 @@ def _rebuild_tensor_v2(
             f"corrupt checkpoint: an empty tensor starts at element {safe_repr(storage_offset)}"
             f" of storage {storage.key!r}, which holds only {safe_repr(storage.numel)}"
         )
-    else:
+    elif shape_too_large(shape):
         # An empty view reads nothing, but numpy still refuses absurd shapes: (0, 2**70).
-        n = 1
-        for d in shape:
-            n *= d or 1
-        if n >= 1 << 62:
-            raise CheckpointError(
-                f"corrupt checkpoint: tensor shape {safe_repr(list(shape))} is too large"
-            )
+        raise CheckpointError(
+            f"corrupt checkpoint: tensor shape {safe_repr(list(shape))} is too large"
+        )
     return TensorRef(storage, storage_offset, shape, strides)
 
 
