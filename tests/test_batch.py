@@ -189,3 +189,51 @@ def test_cli_batch_exit_code_on_failure(models, tmp_path, capsys):
     assert rc == 1
     assert "1 written, 0 skipped, 1 failed" in text
     assert not (work / "diff_control_sd15_broken_fp16.safetensors").exists()
+
+
+def test_progress_bars_on_a_terminal_only(models, tmp_path):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+    import sys
+    from pathlib import Path
+
+    folder, base = models
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    controls = [str(p) for p in sorted(folder.glob("control_*.pth"))[:3]]
+    cmd = [sys.executable, "-m", "cndiff", "extract", *controls, str(base), "-o", str(tmp_path),
+           "--chunk-mb", "0.01", "--overwrite"]  # fmt: skip
+
+    def run_on_tty(extra: list[str]) -> tuple[int, str, str]:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        proc = subprocess.Popen([*cmd, *extra], stdout=subprocess.PIPE, stderr=slave, env=env)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        out = proc.stdout.read().decode()
+        proc.wait()
+        os.close(master)
+        return proc.returncode, out, b"".join(chunks).decode(errors="replace")
+
+    rc, out, err = run_on_tty([])
+    assert rc == 0
+    assert "3 written, 0 skipped, 0 failed" in out and "%|" not in out
+    assert "3 models" in err and "models:" in err and "B/s" in err  # bytes and models bars
+    rc, out, err = run_on_tty(["-q"])
+    assert rc == 0 and "%|" not in err
+    # not a terminal (a log file): no bars, only the log lines, each whole
+    piped = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert piped.returncode == 0
+    assert "%|" not in piped.stderr and "\r" not in piped.stderr and "\x1b" not in piped.stderr
+    assert all(line.startswith("control_sd15_") for line in piped.stderr.splitlines())

@@ -194,6 +194,11 @@ def _base_arg(positional: str | None, option: str | None) -> str:
     return base
 
 
+def _show_progress(args: argparse.Namespace) -> bool:
+    # Bars only on a terminal: in a log file they would be escape codes and redraws.
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
 def _options(args: argparse.Namespace) -> dict:
     """The keyword arguments extract and extract_many share, from the command line."""
     return {
@@ -210,7 +215,7 @@ def _options(args: argparse.Namespace) -> dict:
         "max_error": args.max_error,
         "stability_compatible": args.stability_compatible,
         "svd": args.svd,
-        "progress": not args.quiet,
+        "progress": _show_progress(args),
     }
 
 
@@ -280,7 +285,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from .verify import format_verify, verify
 
     report = verify(args.diff, args.control, args.base, check_base=not args.no_check_base,
-                    progress=not args.quiet)  # fmt: skip
+                    progress=_show_progress(args))  # fmt: skip
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -293,7 +298,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
     result = apply_diff(args.diff, args.base, args.out, dtype=args.dtype, device=args.device,
                         overwrite=args.overwrite, chunk_mb=args.chunk_mb, workers=args.workers,
-                        progress=not args.quiet)  # fmt: skip
+                        progress=_show_progress(args))  # fmt: skip
     print(result)
     return 0
 
@@ -310,7 +315,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"synthetic pair: {control} ({control.stat().st_size:,} B), "
           f"{base} ({base.stat().st_size:,} B)")  # fmt: skip
     result = extract(control, base, folder, dtype=args.dtype, device=args.device,
-                     overwrite=True, progress=not args.quiet)  # fmt: skip
+                     overwrite=True, progress=_show_progress(args))  # fmt: skip
     print(result)
     return 0
 
@@ -337,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "apply": _cmd_apply,
             "demo": _cmd_demo,
         }[args.command]
-        if getattr(args, "quiet", True):
+        if not _show_progress(args):
             return command(args)
         from tqdm.contrib.logging import logging_redirect_tqdm
 
