@@ -197,8 +197,8 @@ def test_progress_bars_on_a_terminal_only(models, tmp_path):
     import pty
     import struct
     import subprocess
-    import termios
     import sys
+    import termios
     from pathlib import Path
 
     folder, base = models
