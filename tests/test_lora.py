@@ -335,3 +335,17 @@ def test_batch_control_lora(sd15_pair, tmp_path):
     results = extract_many([control], base, tmp_path, format="control-lora", rank=2)
     assert [r.status for r in results] == ["written"]
     assert results[0].output.name.startswith("control_lora_rank2_")
+
+
+def test_lora_provenance_metadata(sd15_pair, tmp_path):
+    from safetensors import safe_open
+
+    control, base = sd15_pair
+    res = cndiff.extract(control, base, tmp_path, format="control-lora", rank=2)
+    with safe_open(str(res.output), "pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/control-lora"
+    assert meta["cndiff.kind"] == "control-lora"
+    assert meta["cndiff.source"] == control.name and meta["cndiff.base"] == base.name
+    assert meta["cndiff.rank"] == "2" and meta["cndiff.svd"] == "gram"
+    assert float(meta["cndiff.rel_error"]) == pytest.approx(res.overall_rel_error, rel=1e-5)

@@ -55,11 +55,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from . import _version
 from .checkpoint import Checkpoint, open_checkpoint
 from .dtypes import F32, DType, by_name, output_dtype, short_name
 from .errors import CndiffError
 from .keys import CONTROL_PREFIX, plan_diff, require_control_keys, unet_prefix
+from .progress import progress_bar
+from .provenance import build_metadata
 from .writer import OutputEntry, SafetensorsWriter
 
 if TYPE_CHECKING:
@@ -615,7 +616,7 @@ def extract_control_lora(
         factors: dict[str, _Factored] = {}
         layers: list[LoraLayer] = []
         todo = [e for e in layout if e.kind != "copy"]
-        bar = _bar(len(todo), ctl.path.name, progress)
+        bar = progress_bar(len(todo), ctl.path.name, progress, unit="layer")
         try:
             for e in layout:
                 if e.kind == "copy":
@@ -654,19 +655,21 @@ def extract_control_lora(
         entries = [OutputEntry(k, dt, s) for e in final for k, s in e.outputs]
         entries.append(OutputEntry(MARKER_KEY, F32, (0,)))
         overall, overall_trunc, energy = _overall(layers)
-        meta = {
-            "format": "pt",
-            "cndiff.version": _version.__version__,
-            "cndiff.kind": "control-lora",
-            "cndiff.control": ctl.path.name,
-            "cndiff.base": "self" if is_self else bse.path.name,
-            "cndiff.dtype": dt.name,
-            "cndiff.rank": "" if rank is None or max_error is not None else str(rank),
-            "cndiff.max_error": "" if max_error is None else f"{max_error:g}",
-            "cndiff.stability_compatible": str(bool(stability_compatible)).lower(),
-            "cndiff.svd": method,
-            "cndiff.rel_error": f"{overall:.6g}",
-        }
+        meta = build_metadata(
+            kind="control-lora",
+            control=ctl,
+            base=bse,
+            base_is_self=is_self,
+            dtype=dt.name,
+            adapter="control-lora",
+            extra={
+                "cndiff.rank": "" if rank is None or max_error is not None else str(rank),
+                "cndiff.max_error": "" if max_error is None else f"{max_error:g}",
+                "cndiff.stability_compatible": str(bool(stability_compatible)).lower(),
+                "cndiff.svd": method,
+                "cndiff.rel_error": f"{overall:.6g}",
+            },
+        )
         with SafetensorsWriter(target, entries, meta, overwrite=overwrite) as w:
             for e in final:
                 if e.kind == "lora":
@@ -712,24 +715,6 @@ def _overall(layers: Sequence[LoraLayer]) -> tuple[float, float, float]:
     trunc = math.sqrt(sum((x.trunc_error * x.norm) ** 2 for x in layers) / total)
     energy = sum(x.energy * x.norm**2 for x in layers) / total
     return err, trunc, energy
-
-
-class _Bar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _bar(total: int, desc: str, enabled: bool) -> Any:
-    if not enabled:
-        return _Bar()
-    import sys
-
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, leave=False)
 
 
 # -- verification ----------------------------------------------------------------------------

@@ -17,6 +17,9 @@ class _NoBar:
     def update(self, n: int = 1) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 def progress_bar(total: int, desc: str, enabled: bool, unit: str = "B"):
     """A tqdm bar on stderr (a no-op without ``enabled``); use as a context manager."""
