@@ -27,8 +27,9 @@ import collections
 import io
 import pickle
 import pickletools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 from .dtypes import DType, by_name
 from .errors import CheckpointError, UnsafeCheckpointError
