@@ -6,7 +6,8 @@
 #
 # 1. environment report; 2. generate the full-size SD1.5 pair on local disk (DATA);
 # 3. pytest -k cuda; 4. CPU vs CUDA bit identity on the full-size pair (cmp);
-# 5. bench.py: cndiff (cpu), cndiff-cuda, naive, naive-mmap; warm and cold; repeat 2.
+# 5. Control-LoRA SVD timings on the GPU (benchmarks/lora_bench.py --device cuda);
+# 6. bench.py: cndiff (cpu), cndiff-cuda, naive, naive-mmap; warm and cold; repeat 2.
 # Results (log, bench.json, summary) go to $OUT when set (the device tool returns $OUT),
 # else to $DATA/results. Whole run bounded by BUDGET_S seconds (default 540).
 # Env: PYTHON (default python3/python), DATA (default /tmp/cndiff-gpu), BUDGET_S.
@@ -75,6 +76,11 @@ done
     && echo "identical: $(stat -c %s "$DATA/id-cpu.safetensors") bytes"
 check bit-identity $?
 rm -f "$DATA"/id-*.safetensors
+
+step "Control-LoRA: exact (gram) vs svd_lowrank SVDs on the GPU (at most 150 s)"
+timeout 150 "$PY" benchmarks/lora_bench.py --control "$CONTROL" --base "$BASE" \
+    --device cuda --methods gram,lowrank --threads "$(nproc)" | tee "$RES/lora_cuda.txt"
+check lora-cuda "${PIPESTATUS[0]}"
 
 step "bench.py (budget left: $(left) s)"
 T=$(( $(left) - 15 ))

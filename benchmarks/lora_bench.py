@@ -32,8 +32,10 @@ def _row(cells, widths) -> str:
     return "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
 
 
-def full_model(control: Path, base: Path, methods: list[str], rank: int) -> None:
-    print(f"\n== whole model: {control.name} vs {base.name}, rank {rank}, fp16 ==")
+def full_model(
+    control: Path, base: Path, methods: list[str], rank: int, device: str = "cpu"
+) -> None:
+    print(f"\n== whole model: {control.name} vs {base.name}, rank {rank}, fp16, {device} ==")
     print("   (synthetic differences are Gaussian noise: full rank, flat spectrum)")
     head = ["method", "wall s", "factor s", "MB", "params", "rel error", "trunc err", "energy"]
     widths = [22, 8, 8, 7, 11, 10, 10, 8]
@@ -48,7 +50,7 @@ def full_model(control: Path, base: Path, methods: list[str], rank: int) -> None
                 out,
                 rank=rank,
                 svd=method,
-                device="cpu",
+                device=device,
                 stability_compatible=stab,
             )
             label = method + (" (stability)" if stab else "")
@@ -129,6 +131,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--methods", default="gram,exact,lowrank")
     p.add_argument("--skip-full", action="store_true", help="only the one-layer comparison")
+    p.add_argument("--device", default="cpu", help="where the whole-model SVDs run (cpu/cuda)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU")
@@ -139,7 +142,7 @@ def main() -> None:
                 f"{a.control} / {a.base} missing: generate them with "
                 "cndiff.synthetic.make_pair(folder) (full size, ~10 GB)"
             )
-        full_model(a.control, a.base, a.methods.split(","), a.rank)
+        full_model(a.control, a.base, a.methods.split(","), a.rank, a.device)
 
 
 if __name__ == "__main__":
