@@ -261,7 +261,7 @@ class _Job:
     error: BaseException | None = None
 
 
-def _open_base_cached(
+def _base_for(
     base: str | os.PathLike[str] | Checkpoint, ctl: Checkpoint, stack: ExitStack
 ) -> tuple[Checkpoint, str, bool]:
     if isinstance(base, Checkpoint):
@@ -290,7 +290,7 @@ def _prepare(
     ctl = open_checkpoint(control)
     stack.callback(ctl.close)
     require_control_keys(ctl.tensors, ctl.path.name)
-    bse, prefix, is_self = _open_base_cached(base, ctl, stack)
+    bse, prefix, is_self = _base_for(base, ctl, stack)
     plan = plan_diff(
         ctl.tensors,
         bse.tensors,
@@ -380,8 +380,10 @@ def _execute(
             meta = build_metadata(kind=job.kind, control=job.ctl, base=job.base,
                                   base_is_self=job.base_is_self, dtype=dt.name,
                                   dropped=job.dropped, hashes=job.hashes)  # fmt: skip
-            w = SafetensorsWriter(job.target, entries, meta, overwrite=True, hash=hash)
-            w.overwrite = job.target.exists()  # checked in _prepare; refuse a newcomer
+            # an existing target was accepted (overwrite) in prepare_target; a target that
+            # appears meanwhile is refused
+            w = SafetensorsWriter(job.target, entries, meta, overwrite=job.target.exists(),
+                                  hash=hash)  # fmt: skip
             writers.enter_context(w)
             job.writer = w
 

@@ -321,10 +321,9 @@ def _verify_lora(dk, ck, bk, plan, prefix: str, progress: bool) -> VerifyReport:
                 report.extra.append(name)  # both forms: loaders disagree on which wins
         elif name in dk.tensors:
             expected.add(name)
-        elif item.base_key is None or not name.endswith((".weight", ".bias")):
-            report.missing.append(name)
         else:
-            # sd-webui-controlnet does not take UNet biases, norms or weights: must be present
+            # every key must be in the file: sd-webui-controlnet does not take UNet biases,
+            # norms or weights, and ControlNet-only modules exist nowhere else
             report.missing.append(name)
     report.extra += sorted(k for k in dk.tensors if k not in expected)
     num = den = 0.0
