@@ -37,7 +37,7 @@ def test_batch_equals_single_runs_and_reads_base_once(models, tmp_path, monkeypa
     for c in controls:
         cndiff.extract(c, base, single)
 
-    from cndiff import checkpoint as ck
+    from cndiff.inputs import checkpoint as ck
 
     reads: dict[str, list[tuple[str, int]]] = {}
     orig = ck.Checkpoint.read_into

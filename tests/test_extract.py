@@ -162,7 +162,7 @@ def test_result_is_deterministic(sd15_pair, tmp_path):
 
 
 def test_never_reads_non_control_tensors(sd15_pair, tmp_path, monkeypatch):
-    from cndiff import checkpoint as ck
+    from cndiff.inputs import checkpoint as ck
 
     control, base = sd15_pair
     read_keys: list[str] = []

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import cndiff
-import cndiff.checkpoint
+import cndiff.inputs.checkpoint
 import cndiff.writer
 from cndiff import synthetic
 from cndiff.cli import main
@@ -488,7 +488,7 @@ def test_input_read_error(pair, tmp_path, monkeypatch):
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         return os.preadv(fd, buffers, offset)
 
-    monkeypatch.setattr(cndiff.checkpoint, "os", OsProxy(preadv=preadv))
+    monkeypatch.setattr(cndiff.inputs.checkpoint, "os", OsProxy(preadv=preadv))
     with pytest.raises(CheckpointError, match="cannot read .*Input/output error"):
         cndiff.extract(control, base, tmp_path, device="cpu", workers=1)
     assert names(tmp_path) == set()
@@ -566,7 +566,7 @@ def test_unreadable_input(pair, tmp_path, monkeypatch, capsys):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
             return os.open(path, flags, mode)
 
-        monkeypatch.setattr(cndiff.checkpoint, "os", OsProxy(open=deny))
+        monkeypatch.setattr(cndiff.inputs.checkpoint, "os", OsProxy(open=deny))
     else:
         c.chmod(0)
     with pytest.raises(CheckpointError, match="permission denied"):

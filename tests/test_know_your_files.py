@@ -266,7 +266,7 @@ def test_inspect_cli_json(sd15_pair, capsys):
 
 
 def test_inspect_does_not_read_tensor_data(sd15_pair, monkeypatch):
-    from cndiff import checkpoint as ck
+    from cndiff.inputs import checkpoint as ck
 
     control, _ = sd15_pair
 

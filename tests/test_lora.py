@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 import cndiff
 from cndiff import synthetic
-from cndiff.checkpoint import open_checkpoint
 from cndiff.errors import CndiffError, IncompatibleBaseError, OutputExistsError
+from cndiff.inputs import open_checkpoint
 from cndiff.lora import (
     MARKER_KEY,
     _Decomposition,

@@ -10,7 +10,6 @@ from ._version import __version__
 from .api import ExtractResult, extract
 from .apply import apply_diff
 from .batch import ModelStatus, extract_many
-from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from .errors import (
     CheckpointError,
     CndiffError,
@@ -20,6 +19,7 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .identify import FileReport, inspect_file
+from .inputs import Checkpoint, TensorInfo, open_checkpoint
 from .verify import VerifyReport, verify
 
 __all__ = [

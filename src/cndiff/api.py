@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import Checkpoint, open_checkpoint
 from .dtypes import DType, output_dtype, short_name
 from .engine import DEFAULT_CHUNK_MB, UNCHANGED_TOL, Stream, resolve_device, run_streams
 from .errors import CndiffError, OutputError, OutputExistsError
 from .fingerprint import BaseMatch, classify_base
+from .inputs import Checkpoint, open_checkpoint
 from .keys import (
     DIFFERENCE_KEY,
     UNET_PREFIX,

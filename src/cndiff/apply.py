@@ -23,9 +23,9 @@ from .api import (
     prepare_target,
     resolve_device,
 )
-from .checkpoint import open_checkpoint
 from .dtypes import output_dtype, short_name
 from .errors import CheckpointError
+from .inputs import open_checkpoint
 from .keys import DIFFERENCE_KEY, plan_diff, require_control_keys
 
 __all__ = ["apply_diff", "default_apply_name"]

@@ -22,10 +22,10 @@ from .api import (
     _prepare,
     _Skip,
 )
-from .checkpoint import open_checkpoint
 from .dtypes import output_dtype
 from .engine import resolve_device
 from .errors import CndiffError
+from .inputs import open_checkpoint
 from .keys import CONTROL_PREFIX
 from .progress import progress_bar
 

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .checkpoint import Checkpoint
 from .dtypes import BF16, F16, F32, F64, DType
 from .errors import CndiffError
+from .inputs import Checkpoint
 from .keys import PlanItem
 
 __all__ = [

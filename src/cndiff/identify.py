@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .checkpoint import TensorInfo, open_checkpoint
+from .inputs import TensorInfo, open_checkpoint
 from .keys import CONTROL_PREFIX, DIFFERENCE_KEY, UNET_PREFIX
 
 __all__ = ["FileReport", "inspect_file", "detect_arch", "format_report", "KINDS"]

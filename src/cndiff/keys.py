@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .checkpoint import TensorInfo
 from .errors import CheckpointError, IncompatibleBaseError
+from .inputs import TensorInfo
 
 __all__ = [
     "CONTROL_PREFIX",

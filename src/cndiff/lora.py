@@ -55,9 +55,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from .checkpoint import Checkpoint, open_checkpoint
 from .dtypes import F32, DType, by_name, output_dtype, short_name
 from .errors import CndiffError
+from .inputs import Checkpoint, open_checkpoint
 from .keys import CONTROL_PREFIX, plan_diff, require_control_keys, unet_prefix
 from .progress import progress_bar
 from .provenance import build_metadata

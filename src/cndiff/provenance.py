@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import _version
-from .checkpoint import Checkpoint
 from .identify import detect_arch
+from .inputs import Checkpoint
 from .progress import progress_bar
 
 __all__ = ["build_metadata", "sha256_file", "MODELSPEC_ARCH"]

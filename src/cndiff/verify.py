@@ -37,11 +37,11 @@ from pathlib import Path
 import numpy as np
 
 from .api import open_base
-from .checkpoint import Checkpoint, open_checkpoint
 from .dtypes import BF16, F16, F32, DType
 from .engine import BaseMatchStats, compare_chunk, to_float32
 from .errors import CheckpointError
 from .fingerprint import BaseMatch, classify_base
+from .inputs import Checkpoint, open_checkpoint
 from .keys import CONTROL_PREFIX, DIFFERENCE_KEY, UNET_PREFIX, plan_diff, require_control_keys
 from .progress import progress_bar
 

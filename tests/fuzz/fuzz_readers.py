@@ -37,8 +37,8 @@ import numpy  # noqa: F401  (imported before instrumentation: only cndiff is ins
 with atheris.instrument_imports(include=["cndiff"]):
     import hostile
 
-    import cndiff.checkpoint  # noqa: F401
-    import cndiff.unpickle  # noqa: F401
+    import cndiff.inputs.checkpoint  # noqa: F401
+    import cndiff.inputs.unpickle  # noqa: F401
 
 ADDRESS_SPACE = 6 << 30  # bytes; numpy and atheris take a few hundred MB of it
 RSS_GROWTH = 512 << 20  # bytes of resident memory above the start

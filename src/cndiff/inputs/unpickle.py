@@ -31,8 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from .dtypes import DType, by_name
-from .errors import CheckpointError, UnsafeCheckpointError
+from ..dtypes import DType, by_name
+from ..errors import CheckpointError, UnsafeCheckpointError
+from ..text import safe_repr
 
 __all__ = [
     "StorageRef",
@@ -41,7 +42,6 @@ __all__ = [
     "restricted_load",
     "scan_pickle",
     "PickleEndsError",
-    "safe_repr",
     "STORAGE_DTYPES",
     "MAX_NESTING",
     "MAX_NDIM",
@@ -173,20 +173,6 @@ class _Global:
 
     def __repr__(self) -> str:
         return f"<{self.qualname}>"
-
-
-def safe_repr(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters, for messages about hostile data: never
-    raises (huge ints, deep nesting) and never renders more than a bounded amount."""
-    if isinstance(value, (str, bytes)):
-        value = value[: limit + 1]
-    elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
-        return f"<{value.bit_length()}-bit int>"
-    try:
-        text = repr(value)
-    except Exception:  # RecursionError, ValueError (int digits), anything a stand-in raises
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_int_tuple(value: Any, what: str) -> tuple[int, ...]:

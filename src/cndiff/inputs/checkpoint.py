@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from .dtypes import DType, by_safetensors
-from .errors import CheckpointError
+from ..dtypes import DType, by_safetensors
+from ..errors import CheckpointError
+from ..text import safe_repr
 from .unpickle import (
     MAX_NDIM,
     Opaque,
@@ -36,7 +37,6 @@ from .unpickle import (
     StorageRef,
     TensorRef,
     restricted_load,
-    safe_repr,
     scan_pickle,
     shape_too_large,
     storage_from_pid,
