@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from cndiff.compat import extract_like_original  # noqa: E402
+from cndiff.commands.compat import extract_like_original  # noqa: E402
 from cndiff.errors import CndiffError  # noqa: E402
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -10,8 +11,7 @@ from conftest import assert_bit_equal, naive_diff
 from safetensors.torch import load_file
 
 import cndiff
-from cndiff import synthetic
-from cndiff.batch import extract_many, find_controls
+from cndiff import extract_many, find_controls, synthetic
 from cndiff.cli import main
 
 NAMES = ["canny", "depth", "hed", "mlsd", "normal", "openpose", "scribble", "seg"]
@@ -85,7 +85,7 @@ def test_corrupt_model_fails_alone(models, tmp_path):
     out.mkdir()
     controls = sorted(work.glob("*.pth"))
     results = extract_many(controls, base, out)
-    by = {r.control.name: r for r in results}
+    by = {r.source.name: r for r in results}
     assert by["control_sd15_bad.pth"].status == "failed"
     assert "truncated" in by["control_sd15_bad.pth"].reason
     assert sum(r.status == "written" for r in results) == 3
@@ -105,7 +105,7 @@ def test_rerun_skips_complete_and_cleans_leftovers(models, tmp_path):
     before = first[1].output.read_bytes()
     again = extract_many(controls, base, tmp_path)
     assert [r.status for r in again] == ["skipped", "skipped"]
-    assert "complete output exists" in again[0].reason
+    assert "complete output of the same job" in again[0].reason
     assert not dead.exists()  # the killed run's temporary file is cleaned up
     dead.write_bytes(b"partial again")
     first[1].output.write_bytes(before[:-10])  # now incomplete
@@ -138,8 +138,9 @@ def test_find_controls_lists_other_files_as_skipped(models, tmp_path):
     folder, base = models
     controls, skipped = find_controls(folder)
     assert [c.name for c in controls] == sorted(f"control_sd15_{n}.pth" for n in NAMES)
-    assert [s.control.name for s in skipped] == ["sd15.ckpt"]
-    assert "not a ControlNet checkpoint" in skipped[0].reason
+    assert [s.source.name for s in skipped] == ["sd15.ckpt"]
+    assert skipped[0].status == "skipped"
+    assert "Stable Diffusion checkpoint" in skipped[0].reason
 
 
 def test_cli_batch_summary_and_json(models, tmp_path, capsys):
@@ -161,7 +162,7 @@ def test_cli_batch_summary_and_json(models, tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert rc == 0
     assert [d["status"] for d in data].count("skipped") == 9
-    canny = next(d for d in data if d["model"].endswith("control_sd15_canny.pth"))
+    canny = next(d for d in data if d["source"].endswith("control_sd15_canny.pth"))
     assert canny["output"] == str(written) and canny["sha256"] is None
 
 
@@ -172,7 +173,7 @@ def test_cli_extract_several_files_is_a_batch(models, tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert rc == 0
     assert [d["status"] for d in data] == ["written", "written"]
-    assert all(len(d["sha256"]) == 64 and d["sha256_short"] == d["sha256"][:10] for d in data)
+    assert all(len(d["sha256"]) == 64 and d["short_hash"] == d["sha256"][:10] for d in data)
 
 
 def test_cli_batch_exit_code_on_failure(models, tmp_path, capsys):
@@ -229,7 +230,8 @@ def test_progress_bars_on_a_terminal_only(models, tmp_path):
     rc, out, err = run_on_tty([])
     assert rc == 0
     assert "3 written, 0 skipped, 0 failed" in out and "%|" not in out
-    assert "3 models" in err and "models:" in err and "B/s" in err  # bytes and models bars
+    # one bytes bar for the batch (the outputs complete together: no bar of models)
+    assert "3 models" in err and "B/s" in err and not re.search(r"(^|[\r\n])models:", err)
     rc, out, err = run_on_tty(["-q"])
     assert rc == 0 and "%|" not in err
     # not a terminal (a log file): no bars, only the log lines, each whole

@@ -91,7 +91,7 @@ def _error_cases(tmp: Path, control: Path, base: Path) -> dict[str, tuple[list[s
         "not a checkpoint": (["extract", str(notckpt), str(base)], "not a checkpoint"),
         "truncated control": (["extract", str(trunc), str(base)], "truncated"),
         "truncated base": (["extract", str(control), str(trunc_base)], "truncated"),
-        "no control keys": (["extract", str(base), str(base)], "no control_model.* keys"),
+        "no control keys": (["extract", str(base), str(base)], "Stable Diffusion checkpoint"),
         "mismatched base": (["extract", str(control), str(sd21_base)], "does not match"),
         "base without unet": (["extract", str(control), str(vae_only)], "only 0 of"),
         "existing output": (["extract", str(control), str(base), "-o", str(existing)], "exists"),

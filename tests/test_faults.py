@@ -7,6 +7,7 @@ next one).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import shutil
@@ -28,14 +29,29 @@ from cndiff.writer import OutputEntry, SafetensorsWriter, remove_stale_temp_file
 
 REPO = Path(__file__).resolve().parents[1]
 IS_ROOT = os.geteuid() == 0
-# chunks of 2 elements and one worker: a tiny pair then takes about 2 s to write
-SLOW = ["--chunk-mb", "0.00001", "--workers", "1"]
+# the smallest chunks (1 KiB) and one worker: the slow pair then takes a second or two
+SLOW = ["--chunk-mb", "0.001", "--workers", "1"]
 TMP_SUFFIX = ".cndiff-tmp"
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> tuple[Path, Path]:
     return synthetic.make_pair(tmp_path_factory.mktemp("faults"), synthetic.tiny())
+
+
+@pytest.fixture(scope="module")
+def slow_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """A pair wide enough (UNet width 32) that SLOW runs last long enough to interrupt."""
+    arch = dataclasses.replace(synthetic.tiny(), model_channels=32)
+    return synthetic.make_pair(tmp_path_factory.mktemp("slow"), arch)
+
+
+@pytest.fixture(scope="module")
+def slow_reference(slow_pair, tmp_path_factory) -> bytes:
+    control, base = slow_pair
+    out = tmp_path_factory.mktemp("ref") / "diff.safetensors"
+    cndiff.extract(control, base, out, device="cpu")
+    return out.read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -241,8 +257,8 @@ def test_file_size_limit_in_a_real_process(pair, tmp_path):
 
 
 @pytest.mark.parametrize("sig,rc", [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM)])
-def test_interrupted_run_leaves_nothing(pair, tmp_path, sig, rc):
-    control, base = pair
+def test_interrupted_run_leaves_nothing(slow_pair, tmp_path, sig, rc):
+    control, base = slow_pair
     proc = cli_process(
         "extract", str(control), str(base), "-o", str(tmp_path), "-q", "--device", "cpu", *SLOW
     )
@@ -256,11 +272,11 @@ def test_interrupted_run_leaves_nothing(pair, tmp_path, sig, rc):
     assert names(tmp_path) == set()
 
 
-def test_killed_run_is_cleaned_up_by_the_next(pair, tmp_path, reference):
-    from cndiff.api import is_complete_difference
-    from cndiff.batch import find_controls
+def test_killed_run_is_cleaned_up_by_the_next(slow_pair, tmp_path, slow_reference):
+    from cndiff import find_controls
+    from cndiff.targets import existing_job
 
-    control, base = pair
+    control, base = slow_pair
     proc = cli_process(
         "extract", str(control), str(base), "-o", str(tmp_path), "-q", "--device", "cpu", *SLOW
     )
@@ -271,16 +287,16 @@ def test_killed_run_is_cleaned_up_by_the_next(pair, tmp_path, reference):
     target = tmp_path / f"diff_{control.stem}_fp16.safetensors"
     # the leftover is never taken for an output
     assert names(tmp_path) == {tmp.name} and not target.exists()
-    assert not is_complete_difference(tmp)
+    assert existing_job(tmp) is None
     assert tmp.name not in {p.name for p in find_controls(tmp_path)[0]}
     # the next run removes it and writes the output
     result = cndiff.extract(control, base, tmp_path, device="cpu")
     assert names(tmp_path) == {target.name}
-    assert result.output == target and target.read_bytes() == reference
+    assert result.output == target and target.read_bytes() == slow_reference
 
 
-def test_live_writers_temp_file_is_not_removed(pair, tmp_path):
-    control, base = pair
+def test_live_writers_temp_file_is_not_removed(slow_pair, tmp_path):
+    control, base = slow_pair
     proc = cli_process(
         "extract", str(control), str(base), "-o", str(tmp_path), "-q", "--device", "cpu", *SLOW
     )
@@ -336,8 +352,8 @@ def synthetic_dtype():
 # -- two runs writing one output ----------------------------------------------------------------
 
 
-def test_two_runs_overwriting_one_output(pair, tmp_path, reference):
-    control, base = pair
+def test_two_runs_overwriting_one_output(slow_pair, tmp_path, slow_reference):
+    control, base = slow_pair
     target = tmp_path / "diff.safetensors"
     target.write_bytes(b"old")
     args = [
@@ -350,20 +366,17 @@ def test_two_runs_overwriting_one_output(pair, tmp_path, reference):
         "-q",
         "--device",
         "cpu",
-        "--chunk-mb",
-        "0.00003",
-        "--workers",
-        "1",
+        *SLOW,
     ]
     procs = [cli_process(*args) for _ in range(2)]
     results = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results
     assert names(tmp_path) == {"diff.safetensors"}
-    assert target.read_bytes() == reference  # one whole file, not a mix
+    assert target.read_bytes() == slow_reference  # one whole file, not a mix
 
 
-def test_two_runs_without_overwrite(pair, tmp_path, reference):
-    control, base = pair
+def test_two_runs_without_overwrite(slow_pair, tmp_path, slow_reference):
+    control, base = slow_pair
     target = tmp_path / "diff.safetensors"
     args = [
         "extract",
@@ -374,10 +387,7 @@ def test_two_runs_without_overwrite(pair, tmp_path, reference):
         "-q",
         "--device",
         "cpu",
-        "--chunk-mb",
-        "0.00003",
-        "--workers",
-        "1",
+        *SLOW,
     ]
     procs = [cli_process(*args) for _ in range(2)]
     results = [p.communicate(timeout=120) for p in procs]
@@ -385,7 +395,7 @@ def test_two_runs_without_overwrite(pair, tmp_path, reference):
     assert codes == [0, 1], results
     err = next(e for p, (_, e) in zip(procs, results) if p.returncode == 1)
     assert err.startswith("cndiff: error: ") and " exists" in err and err.count("\n") == 1
-    assert names(tmp_path) == {"diff.safetensors"} and target.read_bytes() == reference
+    assert names(tmp_path) == {"diff.safetensors"} and target.read_bytes() == slow_reference
 
 
 def test_output_appearing_while_writing_is_not_replaced(tmp_path):

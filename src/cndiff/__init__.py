@@ -1,45 +1,72 @@
 """cndiff: turn original ControlNet checkpoints into small difference models, and back.
 
 >>> import cndiff
->>> result = cndiff.extract("control_sd15_canny.pth", "v1-5-pruned.ckpt")
->>> result.output
+>>> result = cndiff.extract("control_sd15_canny.pth", "v1-5-pruned.ckpt")  # doctest: +SKIP
+>>> result.output                                                          # doctest: +SKIP
 PosixPath('diff_control_sd15_canny_fp16.safetensors')
+
+The layers every command goes through, in the order the data flows:
+
+* :mod:`cndiff.inputs` — open files lazily and safely, say what they are, open a job's
+  control and base (``"self"`` included);
+* :mod:`cndiff.options` — every option in one validated :class:`Options`;
+* :mod:`cndiff.plan` — map keys: which output tensor comes from which inputs;
+* :mod:`cndiff.engine` and :mod:`cndiff.backends` — read in chunks on worker threads,
+  compute with numpy or torch;
+* :mod:`cndiff.writer` — stream a safetensors file to disk, atomically;
+* :mod:`cndiff.results` — what every command returns;
+
+composed by :mod:`cndiff.pipeline` and the :mod:`cndiff.commands`.
 """
 
 from ._version import __version__
-from .api import ExtractResult, extract
-from .apply import apply_diff
-from .batch import ModelStatus, extract_many
+from .commands.apply import apply_diff
+from .commands.extract import extract, extract_many, find_controls
+from .commands.inspect import FileReport, inspect_file
+from .commands.verify import VerifyReport, verify
 from .errors import (
     CheckpointError,
     CndiffError,
     IncompatibleBaseError,
+    NeedsTorchError,
+    OptionError,
     OutputError,
     OutputExistsError,
     UnsafeCheckpointError,
+    WrongKindError,
 )
-from .identify import FileReport, inspect_file
+from .hashes import FileHashes, file_hashes
 from .inputs import Checkpoint, TensorInfo, open_checkpoint
-from .verify import VerifyReport, verify
+from .options import Options
+from .results import BatchResult, ExtractResult, LoraSummary, Result
 
 __all__ = [
     "__version__",
     "extract",
-    "ExtractResult",
     "extract_many",
-    "ModelStatus",
+    "find_controls",
     "apply_diff",
     "verify",
-    "VerifyReport",
     "inspect_file",
-    "FileReport",
+    "file_hashes",
     "open_checkpoint",
+    "Options",
+    "Result",
+    "ExtractResult",
+    "BatchResult",
+    "LoraSummary",
+    "VerifyReport",
+    "FileReport",
+    "FileHashes",
     "Checkpoint",
     "TensorInfo",
     "CndiffError",
     "CheckpointError",
     "UnsafeCheckpointError",
+    "WrongKindError",
     "IncompatibleBaseError",
+    "OptionError",
+    "NeedsTorchError",
     "OutputError",
     "OutputExistsError",
 ]

@@ -20,7 +20,6 @@ __all__ = [
     "DTYPES",
     "by_name",
     "by_safetensors",
-    "by_torch",
     "OUTPUT_DTYPES",
     "output_dtype",
     "short_name",
@@ -44,9 +43,9 @@ class DType:
         return self.name
 
     def to_torch(self):  # -> torch.dtype; imports torch
-        import torch
+        from .optional import require_torch
 
-        return getattr(torch, self.name)
+        return getattr(require_torch(f"{self.name} tensors as torch tensors"), self.name)
 
 
 def _d(name: str, size: int, code: str, npt: str, raw: bool = False, fl: bool = False) -> DType:
@@ -94,6 +93,8 @@ F32 = _BY_NAME["float32"]
 F16 = _BY_NAME["float16"]
 BF16 = _BY_NAME["bfloat16"]
 F64 = _BY_NAME["float64"]
+F8_E4M3 = _BY_NAME["float8_e4m3fn"]
+F8_E5M2 = _BY_NAME["float8_e5m2"]
 
 
 def by_name(name: str) -> DType:
@@ -109,11 +110,6 @@ def by_name(name: str) -> DType:
 def by_safetensors(code: str) -> DType | None:
     """The dtype of a safetensors code (``F16``...), or None when unknown."""
     return _BY_CODE.get(code)
-
-
-def by_torch(dtype: object) -> DType:
-    """The dtype matching a ``torch.dtype``."""
-    return by_name(str(dtype))
 
 
 def output_dtype(dtype: str | DType) -> DType:

@@ -1,299 +1,126 @@
-"""The chunked difference engine: ``control - base`` in float32, cast, streamed out.
+"""The scheduler: every plan item in chunks, read on worker threads, delivered in order.
 
-Every output tensor is produced in chunks of at most ``chunk_elems`` elements. A small
-pool of worker threads reads the chunk of the control tensor and of its base tensor
-straight from the files (``preadv`` releases the GIL), subtracts in float32 and casts to
-the output dtype, while the caller's thread writes finished chunks in order. Memory is
-bounded by ``slots x chunk size`` whatever the model size.
+A :class:`Stream` is one job's plan items with the files they are read from and a
+``kernel`` that turns one chunk's raw bytes into a result; its ``sink`` receives each
+result, in plan order, on the calling thread (the writer appends it to the output).
+Several streams that share a base checkpoint object (a batch) are walked together: each
+base chunk is read once for all of them.
 
-Arithmetic (the reference algorithm, bit for bit):
-
-* ``d = float32(control) - float32(base)``, one IEEE subtraction, correctly rounded
-  (float64 when an input is float64, then rounded to float32 first as torch does);
-* ``out = d`` rounded to the output dtype, round-to-nearest-even (fp16, bf16), or kept.
-
-The CPU kernels are numpy's; when torch is already imported (a notebook) its faster
-vectorized casts are used on the same buffers. Both give the same bits. ``device="cuda"``
-moves the chunks through pinned buffers and one CUDA stream per worker; elementwise
-subtraction and the casts are correctly rounded there too, so the bytes are the same.
+Memory is bounded by ``2 x workers`` chunks in flight whatever the model size: each
+chunk's buffers (from the backend: pinned on CUDA) are reused. The arithmetic is not
+here: kernels call a :mod:`cndiff.backends` backend.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
-import os
-import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from .dtypes import BF16, F16, F32, F64, DType
+from .backends import Backend, Raw
 from .errors import CndiffError
 from .inputs import Checkpoint
-from .keys import PlanItem
+from .plan import PlanItem
+from .text import escape
 
-__all__ = [
-    "DEFAULT_CHUNK_MB",
-    "Stream",
-    "DiffStats",
-    "run_streams",
-    "to_float32",
-    "cast_from_float32",
-    "resolve_device",
-    "UNCHANGED_TOL",
-    "BaseMatchStats",
-]
+__all__ = ["Stream", "ChunkIn", "run_streams"]
 
-log = logging.getLogger(__name__)
-
-#: default chunk: 4 MiB of float32 (1 Mi elements)
-DEFAULT_CHUNK_MB = 4.0
-#: the original script's "no difference" threshold on max |control - base|
-UNCHANGED_TOL = 1e-6
+log = logging.getLogger("cndiff")
 
 
-# -- element conversions (numpy, bit-exact with torch) ---------------------------------------
+@dataclass
+class ChunkIn:
+    """One chunk of one plan item, read and ready for a kernel: elements
+    ``[start, start + count)`` of the control tensor (``c``), of the base tensor (``b``),
+    of the control file's embedded UNet copy (``e``) and of the extra file (``x``) where
+    the stream reads them; ``out`` is a reusable byte buffer of ``count * 8`` bytes."""
 
+    item: PlanItem
+    start: int
+    count: int
+    c: Raw
+    b: Raw | None
+    e: Raw | None
+    x: Raw | None
+    out: np.ndarray
 
-def to_float32(raw: np.ndarray, dtype: DType, out: np.ndarray) -> np.ndarray:
-    """Convert ``raw`` (values, or raw bits for bfloat16) of ``dtype`` to float32 in ``out``."""
-    if dtype is F32:
-        np.copyto(out, raw)
-    elif dtype is BF16:
-        u = out.view(np.uint32)
-        np.copyto(u, raw, casting="unsafe")
-        np.left_shift(u, 16, out=u)
-    elif dtype.raw:
-        raise CndiffError(f"cannot subtract tensors stored as {dtype.name}")
-    else:  # float16 (exact), float64 (rounded to nearest, as torch does), integers
-        np.copyto(out, raw, casting="unsafe")
-    return out
-
-
-def _bf16_round(d: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> None:
-    """float32 -> bfloat16 bits, round to nearest even (torch's rule); NaN -> 0x7FC0."""
-    u = d.view(np.uint32)
-    np.right_shift(u, 16, out=tmp)
-    np.bitwise_and(tmp, 1, out=tmp)
-    np.add(tmp, 0x7FFF, out=tmp)
-    np.add(tmp, u, out=tmp)
-    np.right_shift(tmp, 16, out=tmp)
-    np.copyto(out, tmp, casting="unsafe")
-    nan = np.isnan(d)
-    if nan.any():
-        out[nan] = 0x7FC0
-
-
-def _loaded_torch():
-    """torch, if something already imported it (its casts are faster); never imports it."""
-    return sys.modules.get("torch")
-
-
-def _f16_round(d: np.ndarray, out: np.ndarray, t1: np.ndarray, t2: np.ndarray) -> None:
-    """float32 -> float16, round to nearest even, in whole-array integer steps.
-
-    numpy's own cast converts one element at a time (about 3 ns each); this is about
-    twice as fast and gives the same bits for every finite value and infinity (checked
-    over all 2^32 float32 bit patterns, see tests/test_engine.py). NaN keeps its sign
-    and top payload bits and becomes quiet, as x86's F16C conversion (torch) does.
-    """
-    u = d.view(np.uint32)
-    np.bitwise_and(u, 0x7FFFFFFF, out=t1)  # |d| as bits
-    # normal results: add the exponent rebias and the rounding increment (0xFFF plus the
-    # lowest kept bit: ties to even), carry into the exponent, shift down
-    np.right_shift(t1, 13, out=t2)
-    np.bitwise_and(t2, 1, out=t2)
-    np.add(t2, t1, out=t2)
-    np.add(t2, np.uint32(0xC8000FFF), out=t2)  # (15 - 127) << 23, plus 0xFFF, mod 2^32
-    np.right_shift(t2, 13, out=t2)
-    small = t1 < 0x38800000  # below fp16's smallest normal: let a float add round it
-    if small.any():
-        idx = np.flatnonzero(small)
-        sub = t1.view(np.float32)[idx] + np.float32(0.5)
-        t2[idx] = sub.view(np.uint32) - np.uint32(0x3F000000)
-    big = t1 >= 0x477FF000  # rounds to 65520 or more: infinity (NaN: quiet, payload kept)
-    if big.any():
-        idx = np.flatnonzero(big)
-        a = t1[idx]
-        t2[idx] = np.where(a > 0x7F800000, 0x7E00 | ((a >> 13) & 0x3FF), 0x7C00)
-    np.right_shift(u, 16, out=t1)
-    np.bitwise_and(t1, 0x8000, out=t1)
-    np.bitwise_or(t2, t1, out=t2)
-    np.copyto(out.view(np.uint16), t2, casting="unsafe")
-
-
-def cast_from_float32(
-    d: np.ndarray, dtype: DType, out: np.ndarray, tmp: np.ndarray, tmp2: np.ndarray | None = None
-) -> None:
-    """Round float32 ``d`` into ``out`` (values, or bits for bfloat16) of ``dtype``.
-
-    ``tmp`` (and ``tmp2``, for float16) are uint32 scratch arrays of ``d``'s size.
-    """
-    torch = _loaded_torch()
-    if torch is not None and dtype in (F16, BF16):
-        src = torch.from_numpy(d)
-        dst = torch.from_numpy(out).view(torch.float16 if dtype is F16 else torch.bfloat16)
-        dst.copy_(src)
-    elif dtype is BF16:
-        _bf16_round(d, out, tmp)
-    elif dtype is F16:
-        _f16_round(d, out, tmp, tmp2 if tmp2 is not None else np.empty_like(tmp))
-    else:
-        np.copyto(out, d, casting="unsafe")
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when torch sees a CUDA GPU, else ``cpu``; checks ``cuda``.
-
-    ``auto`` only imports torch when an NVIDIA device node exists, so CPU-only machines
-    never pay torch's import.
-    """
-    device = (device or "auto").lower()
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise CndiffError(f"unknown device {device!r}; use auto, cpu or cuda")
-    if device == "cpu":
-        return "cpu"
-    if (
-        device == "auto"
-        and not os.path.exists("/dev/nvidia0")
-        and not os.path.exists("/dev/nvidiactl")
-    ):
-        return "cpu"
-    try:
-        import torch
-    except ImportError:
-        if device == "auto":
-            return "cpu"
-        raise CndiffError(
-            "--device cuda needs PyTorch with CUDA; install it or use --device cpu"
-        ) from None
-    if not torch.cuda.is_available():
-        if device == "auto":
-            return "cpu"
-        raise CndiffError("--device cuda: no CUDA GPU is available here; use --device cpu")
-    return "cuda" if device == "auto" else device
-
-
-# -- plans as streams of chunks ---------------------------------------------------------------
+    @property
+    def last(self) -> bool:
+        return self.start + self.count >= self.item.numel
 
 
 @dataclass
 class Stream:
-    """One output file's worth of work: plan items read from ``control`` (and ``base``),
-    produced as ``out_dtype``. ``sink`` receives each finished chunk, in order.
+    """One job's chunks (see the module documentation).
 
-    Streams that share one ``base`` checkpoint object (a batch) read each base chunk
-    once for all of them.
+    ``kernel(chunk) -> result`` runs on a worker thread; ``sink(item, result, chunk)``
+    on the calling thread, in order; ``on_done(stream)`` after the last item's last chunk.
+    ``embedded_prefix``: also read the control file's tensor under this prefix (the UNet
+    copy of an original ControlNet) for every item that has a base key. ``extra``: also
+    read ``item.key`` from this checkpoint (``verify``: the file under test).
     """
 
     items: Sequence[PlanItem]
     control: Checkpoint
-    base: Checkpoint | None
-    out_dtype: DType
-    sink: Callable[[PlanItem, np.ndarray], None] | None = None
-    #: max |control - base| per subtracted key (NaN when a difference is NaN)
-    max_abs: dict[str, float] = field(default_factory=dict)
+    kernel: Callable[[ChunkIn], Any]
+    base: Checkpoint | None = None
+    sink: Callable[[PlanItem, Any, ChunkIn], None] | None = None
+    on_done: Callable[[Stream], None] | None = None
+    embedded_prefix: str | None = None
+    extra: Checkpoint | None = None
     #: with ``isolate=True``: the exception that stopped this stream
     error: BaseException | None = None
-    #: called with the stream when its last chunk went to the sink
-    on_done: Callable[[Stream], None] | None = None
-    #: ``"sub"``: control - base (extract); ``"add"``: control + base (apply a diff)
-    op: str = "sub"
-    #: when set, compare the base with the UNet copy embedded in the control file under
-    #: this prefix (``model.diffusion_model.``), read chunk by chunk in the same pass
-    embedded_prefix: str | None = None
-    #: the result of that comparison
-    base_match: BaseMatchStats | None = None
 
-
-@dataclass
-class BaseMatchStats:
-    """How the base compares with the control file's embedded UNet, over mapped keys."""
-
-    keys: int = 0
-    elements: int = 0
-    identical: bool = True
-    max_abs: float = 0.0
-    sum_abs: float = 0.0
-    sum_sq_diff: float = 0.0
-    sum_sq_base: float = 0.0
-
-    @property
-    def mean_abs(self) -> float:
-        return self.sum_abs / self.elements if self.elements else 0.0
-
-    @property
-    def rel_rms(self) -> float:
-        """||base - embedded|| / ||base|| (Frobenius, over every compared element)."""
-        return (self.sum_sq_diff / self.sum_sq_base) ** 0.5 if self.sum_sq_base else 0.0
-
-    def add(self, other: tuple[bool, float, float, float, float, int], first: bool) -> None:
-        eq, mx, sa, sd, sb, n = other
-        self.identical &= eq
-        self.max_abs = max(self.max_abs, mx) if mx == mx else float("nan")
-        self.sum_abs += sa
-        self.sum_sq_diff += sd
-        self.sum_sq_base += sb
-        self.elements += n
-        self.keys += first
-
-
-@dataclass
-class DiffStats:
-    """What a run did."""
-
-    chunks: int = 0
-    elements: int = 0
-    bytes_out: int = 0
+    def embedded_key(self, item: PlanItem) -> str | None:
+        """The embedded UNet key compared with ``item``'s base chunk, if any."""
+        if self.embedded_prefix is None or item.base_key is None:
+            return None
+        key = self.embedded_prefix + item.control_key.split(".", 1)[1]
+        info = self.control.tensors.get(key)
+        return key if info is not None and info.shape == item.shape else None
 
 
 @dataclass
 class _Task:
-    """One chunk ``[start, start+count)`` of the same tensor position in several streams
-    (one stream, outside batches). Members sharing a base tensor read it once."""
+    """One chunk of the same tensor position in one or more streams (a batch); members
+    sharing a base tensor read it once."""
 
     members: list[tuple[Stream, PlanItem]]
     start: int
     count: int
-    last: bool
 
 
+@dataclass
 class _Slot:
-    """Scratch buffers for one chunk in flight, with one output buffer per member."""
+    """The reusable buffers of one task in flight."""
 
-    def __init__(self, chunk: int) -> None:
-        self.chunk = chunk
-        self.c_raw = np.empty(chunk * 8, dtype=np.uint8)
-        self.b_raw = np.empty(chunk * 8, dtype=np.uint8)
-        self.cf = np.empty(chunk, dtype=np.float32)
-        self.bf = np.empty(chunk, dtype=np.float32)
-        self.tmp = np.empty(chunk, dtype=np.uint32)
-        self.tmp2 = np.empty(chunk, dtype=np.uint32)
-        self.outs: list[np.ndarray] = []
-        self.e_raw = np.empty(chunk * 8, dtype=np.uint8)
-        self.results: list[np.ndarray | BaseException] = []
-        self.max_abs: list[float] = []
-        self.matches: list[tuple | None] = []
+    backend: Backend
+    chunk: int
+    c: np.ndarray = field(init=False)
+    b: np.ndarray = field(init=False)
+    e: np.ndarray = field(init=False)
+    x: np.ndarray = field(init=False)
+    outs: list[np.ndarray] = field(default_factory=list)
+    results: list[Any] = field(default_factory=list)
+    chunks: list[ChunkIn | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        nbytes = self.chunk * 8
+        self.c, self.b, self.e, self.x = (self.backend.host_buffer(nbytes) for _ in range(4))
 
     def out(self, j: int) -> np.ndarray:
         while len(self.outs) <= j:
-            self.outs.append(np.empty(self.chunk * 4, dtype=np.uint8))
+            self.outs.append(self.backend.host_buffer(self.chunk * 8))
         return self.outs[j]
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _tasks(streams: Sequence[Stream], chunk: int) -> Iterator[_Task]:
-    # Walk tensor positions in order; at each, group the streams that subtract the same
+    # Walk tensor positions in order; at each, group the streams that combine the same
     # tensor of the same base checkpoint, so a batch reads each base chunk once.
     longest = max((len(s.items) for s in streams), default=0)
     for i in range(longest):
@@ -308,159 +135,83 @@ def _tasks(streams: Sequence[Stream], chunk: int) -> Iterator[_Task]:
                 gk = (id(s), i)
             groups.setdefault(gk, []).append((s, item))
         for members in groups.values():
-            n = _numel(members[0][1].shape)
+            n = members[0][1].numel
             if n == 0:
-                yield _Task(members, 0, 0, True)
+                yield _Task(members, 0, 0)
                 continue
             for start in range(0, n, chunk):
-                count = min(chunk, n - start)
-                yield _Task(members, start, count, start + count >= n)
+                yield _Task(members, start, min(chunk, n - start))
 
 
-def _read(ckpt: Checkpoint, key: str, raw: np.ndarray, start: int, count: int) -> np.ndarray:
+def _read(ckpt: Checkpoint, key: str, buf: np.ndarray, start: int, count: int) -> Raw:
     info = ckpt.info(key)
-    arr = raw[: count * info.itemsize].view(info.dtype.numpy)
+    arr = buf[: count * info.itemsize].view(info.dtype.numpy)
     ckpt.read_into(key, arr, start)
-    return arr
+    return Raw(arr, info.dtype)
 
 
-def _max_abs(d: np.ndarray) -> float:
-    if d.size == 0:
-        return 0.0
-    hi = float(d.max())
-    lo = float(d.min())
-    if hi != hi or lo != lo:
-        return float("nan")
-    return max(hi, -lo)
+def _name_error(exc: Exception, s: Stream, item: PlanItem, *, reading: bool = True) -> CndiffError:
+    """A one-line cndiff error: while reading or computing, naming the file and key (an
+    unexpected exception included); while writing (the sink), the writer's own message."""
+    where = f"{escape(s.control.path.name)}: {escape(item.key)}"
+    if isinstance(exc, CndiffError) and not reading:
+        return exc
+    if isinstance(exc, CndiffError):
+        text = str(exc)
+        if escape(item.key) in text or s.control.path.name in text:
+            return exc
+        return type(exc)(f"{where}: {text}")
+    return CndiffError(f"{where}: internal error ({type(exc).__name__}: {escape(str(exc))})")
 
 
-def _chunk_cpu(
-    slot: _Slot, j: int, s: Stream, item: PlanItem, braw: np.ndarray | None, task: _Task
-) -> tuple[np.ndarray, float]:
-    """One member's chunk: returns (output values, max |difference|)."""
-    n = task.count
-    out_dt = s.out_dtype
-    cinfo = s.control.info(item.control_key)
-    craw = _read(s.control, item.control_key, slot.c_raw, task.start, n)
-    out = slot.out(j)[: n * out_dt.itemsize].view(out_dt.numpy)
-    if braw is None:  # a ControlNet-only tensor: stored as it is, cast
-        if cinfo.dtype is out_dt:
-            np.copyto(out, craw)
-            return out, 0.0
-        d = craw if cinfo.dtype is F32 else to_float32(craw, cinfo.dtype, slot.cf[:n])
-        if out_dt is F32:
-            np.copyto(out, d)
-        else:
-            cast_from_float32(d, out_dt, out, slot.tmp[:n], slot.tmp2[:n])
-        return out, 0.0
-    assert s.base is not None and item.base_key is not None
-    binfo = s.base.info(item.base_key)
-    d = out if out_dt is F32 else slot.cf[:n]
-    op = np.subtract if s.op == "sub" else np.add
-    if cinfo.dtype is F64 or binfo.dtype is F64:
-        np.copyto(d, op(craw, braw, dtype=np.float64), casting="unsafe")
-    else:
-        c = craw if cinfo.dtype is F32 else to_float32(craw, cinfo.dtype, slot.cf[:n])
-        b = braw if binfo.dtype is F32 else to_float32(braw, binfo.dtype, slot.bf[:n])
-        op(c, b, out=d)
-    m = _max_abs(d) if s.op == "sub" else 0.0
-    if out_dt is not F32:
-        cast_from_float32(d, out_dt, out, slot.tmp[:n], slot.tmp2[:n])
-    return out, m
-
-
-def _compare_embedded(slot: _Slot, s: Stream, item: PlanItem, braw, task: _Task) -> tuple | None:
-    """Compare a base chunk with the same chunk of the control's embedded UNet copy."""
-    assert s.embedded_prefix is not None and item.base_key is not None and s.base is not None
-    ekey = s.embedded_prefix + item.control_key.split(".", 1)[1]
-    if ekey not in s.control.tensors or s.control.info(ekey).shape != item.shape:
-        return None
-    n = task.count
-    einfo, binfo = s.control.info(ekey), s.base.info(item.base_key)
-    eraw = _read(s.control, ekey, slot.e_raw, task.start, n)
-    eq = einfo.dtype is binfo.dtype and np.array_equal(eraw, braw)
-    e = eraw if einfo.dtype is F32 else to_float32(eraw, einfo.dtype, np.empty(n, np.float32))
-    b = braw if binfo.dtype is F32 else to_float32(braw, binfo.dtype, np.empty(n, np.float32))
-    return compare_chunk(e, b, eq, slot.cf[:n])
-
-
-def compare_chunk(e: np.ndarray, b: np.ndarray, eq: bool, scratch: np.ndarray | None = None):
-    """Statistics of ``b - e`` for :meth:`BaseMatchStats.add`: (identical, max |d|,
-    sum |d|, sum d^2, sum b^2, count). Sums of squares use float32 BLAS dots: this is a
-    classification, not a measurement that needs every digit."""
-    n = b.size
-    sb = float(np.dot(b, b)) if n else 0.0
-    if eq or n == 0:
-        return (True, 0.0, 0.0, 0.0, sb, n)
-    d = np.subtract(b, e, out=scratch) if scratch is not None else np.subtract(b, e)
-    mx = _max_abs(d)
-    np.abs(d, out=d)
-    sa = float(np.add.reduce(d, dtype=np.float64))
-    sd = float(np.dot(d, d))
-    return (False, mx, sa, sd, sb, n)
-
-
-def _compute_cpu(slot: _Slot, task: _Task) -> _Slot:
+def _compute(slot: _Slot, task: _Task) -> _Slot:
+    """Read one task's chunks and run every member's kernel (on a worker thread)."""
     slot.results = []
-    slot.max_abs = []
-    slot.matches = []
-    braw = None
-    first = task.members[0]
-    if first[1].base_key is not None:
-        assert first[0].base is not None
-        braw = _read(first[0].base, first[1].base_key, slot.b_raw, task.start, task.count)
+    slot.chunks = []
+    n, start = task.count, task.start
+    first, item0 = task.members[0]
+    b = None
+    if item0.base_key is not None and first.base is not None:
+        try:
+            b = _read(first.base, item0.base_key, slot.b, start, n)
+        except Exception as exc:
+            err = _name_error(exc, first, item0)
+            slot.results = [err] * len(task.members)
+            slot.chunks = [None] * len(task.members)
+            return slot
     for j, (s, item) in enumerate(task.members):
         try:
-            out, m = _chunk_cpu(slot, j, s, item, braw, task)
-            match = None
-            if s.embedded_prefix is not None and braw is not None:
-                match = _compare_embedded(slot, s, item, braw, task)
-        except (CndiffError, OSError) as exc:
-            if len(task.members) == 1:
-                raise
-            slot.results.append(exc)
-            slot.max_abs.append(0.0)
-            slot.matches.append(None)
-            continue
-        slot.results.append(out)
-        slot.max_abs.append(m)
-        slot.matches.append(match)
+            c = _read(s.control, item.control_key, slot.c, start, n)
+            ekey = s.embedded_key(item) if b is not None else None
+            e = _read(s.control, ekey, slot.e, start, n) if ekey else None
+            x = _read(s.extra, item.key, slot.x, start, n) if s.extra is not None else None
+            chunk = ChunkIn(item, start, n, c, b, e, x, slot.out(j))
+            slot.results.append(s.kernel(chunk))
+            slot.chunks.append(chunk)
+        except Exception as exc:  # noqa: BLE001 - every failure is reported per stream
+            slot.results.append(_name_error(exc, s, item))
+            slot.chunks.append(None)
     return slot
 
 
 def run_streams(
     streams: Sequence[Stream],
+    backend: Backend,
     *,
-    chunk_mb: float = DEFAULT_CHUNK_MB,
-    workers: int | None = None,
-    device: str = "cpu",
-    on_chunk: Callable[[int], None] | None = None,
+    chunk: int,
+    workers: int,
+    on_progress: Callable[[int], None] | None = None,
     isolate: bool = False,
-) -> DiffStats:
-    """Compute every stream's tensors, chunk by chunk, and hand them to the sinks in order.
+) -> None:
+    """Run every stream's items, ``chunk`` elements at a time, on ``workers`` threads; hand
+    the results to the sinks in order.
 
-    ``chunk_mb`` bounds the float32 size of one chunk; ``workers`` threads compute while
-    the calling thread runs the sinks (default: ``min(4, cpu count)``). ``on_chunk`` is
-    called with the number of control bytes done after each chunk (for progress bars).
-    With ``isolate=True`` an error in one stream (its file, its sink) is stored in
-    ``stream.error`` and the other streams go on; otherwise it is raised.
+    ``on_progress`` is called with the control bytes done after each chunk (progress bars).
+    With ``isolate=True`` an error in one stream (its files, its kernel, its sink: any
+    ``Exception``) is stored in ``stream.error`` and the other streams go on; otherwise it
+    is raised. ``KeyboardInterrupt`` and ``SystemExit`` always stop everything.
     """
-    chunk = max(1, int(chunk_mb * 1024 * 1024) // 4)
-    if workers is None:
-        workers = max(1, min(4, os.cpu_count() or 1))
-    if device != "cpu":
-        from .cuda import CudaCompute
-
-        compute: Callable[[_Slot, _Task], _Slot] = CudaCompute(device, chunk)
-        make_slot: Callable[[], _Slot] = compute.make_slot  # type: ignore[attr-defined]
-    else:
-        compute = _compute_cpu
-
-        def make_slot() -> _Slot:
-            return _Slot(chunk)
-
     nslots = workers * 2
-    stats = DiffStats()
     free: list[_Slot] = []
     made = 0
     pending: deque[tuple[_Task, Future[_Slot], _Slot]] = deque()
@@ -471,78 +222,61 @@ def run_streams(
         if s.error is None:
             s.error = exc
 
-    def deliver(task: _Task, results: Sequence[np.ndarray | BaseException], maxes, matches) -> None:
-        for (s, item), res, m, match in zip(task.members, results, maxes, matches):
+    def deliver(task: _Task, results: Sequence[Any], chunks: Sequence[ChunkIn | None]) -> None:
+        for (s, item), res, chunk in zip(task.members, results, chunks):
             if s.error is not None:
                 continue
             if isinstance(res, BaseException):
                 fail(s, res)
                 continue
-            if match is not None:
-                if s.base_match is None:
-                    s.base_match = BaseMatchStats()
-                s.base_match.add(match, first=task.start == 0)
-            if item.base_key is not None and s.op == "sub":
-                prev = s.max_abs.get(item.key, 0.0)
-                s.max_abs[item.key] = m if (m != m or prev != prev) else max(prev, m)
+            assert chunk is not None
             try:
                 if s.sink is not None:
-                    s.sink(item, res)
-                    stats.bytes_out += res.nbytes
-            except (CndiffError, OSError) as exc:
-                fail(s, exc)
+                    s.sink(item, res, chunk)
+                if chunk.last and item is s.items[-1] and s.on_done is not None:
+                    s.on_done(s)
+            except Exception as exc:  # noqa: BLE001
+                fail(s, _name_error(exc, s, item, reading=False))
                 continue
-            if on_chunk is not None:
-                on_chunk(task.count * s.control.info(item.control_key).itemsize)
-            if task.last and item is s.items[-1] and s.on_done is not None:
-                s.on_done(s)
-        stats.chunks += 1
-        stats.elements += task.count
+            if on_progress is not None:
+                on_progress(task.count * s.control.info(item.control_key).itemsize)
 
     def finish(task: _Task, fut: Future[_Slot], slot: _Slot) -> None:
+        fut.result()
         try:
-            fut.result()
-        except (CndiffError, OSError) as exc:
-            if not isolate:
-                raise
-            slot.results = [exc] * len(task.members)
-            slot.max_abs = [0.0] * len(task.members)
-            slot.matches = [None] * len(task.members)
-        try:
-            deliver(task, slot.results, slot.max_abs, slot.matches)
+            deliver(task, slot.results, slot.chunks)
         finally:
             slot.results = []
+            slot.chunks = []
             free.append(slot)
 
-    # The loop makes many short-lived objects; the cyclic GC would otherwise keep walking
-    # every object of the opened checkpoints. Reference counting frees what we make.
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cndiff") as pool:
         try:
             for task in _tasks(streams, chunk):
-                if task.count == 0:
-                    # empty tensor: nothing to read; keep the order with what is in flight
-                    while pending:
-                        finish(*pending.popleft())
-                    empties = [np.empty(0, dtype=s.out_dtype.numpy) for s, _ in task.members]
-                    deliver(task, empties, [0.0] * len(empties), [None] * len(empties))
-                    continue
                 if not free:
                     if made < nslots:
-                        free.append(make_slot())
+                        free.append(_Slot(backend, chunk))
                         made += 1
                     else:
                         finish(*pending.popleft())
                 slot = free.pop()
-                pending.append((task, pool.submit(compute, slot, task), slot))
+                if task.count == 0:
+                    # an empty tensor: nothing to read; keep the order with what is in flight
+                    while pending:
+                        finish(*pending.popleft())
+                    _compute(slot, task)
+                    finish(task, _done_future(slot), slot)
+                    continue
+                pending.append((task, pool.submit(_compute, slot, task), slot))
             while pending:
                 finish(*pending.popleft())
         except BaseException:
             for _, fut, _ in pending:
                 fut.cancel()
             raise
-        finally:
-            if gc_was_enabled:
-                gc.enable()
-    return stats
+
+
+def _done_future(slot: _Slot) -> Future[_Slot]:
+    fut: Future[_Slot] = Future()
+    fut.set_result(slot)
+    return fut

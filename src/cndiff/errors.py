@@ -13,6 +13,9 @@ __all__ = [
     "IncompatibleBaseError",
     "OutputExistsError",
     "OutputError",
+    "OptionError",
+    "WrongKindError",
+    "NeedsTorchError",
 ]
 
 
@@ -22,6 +25,15 @@ class CndiffError(Exception):
 
 class CheckpointError(CndiffError):
     """A file could not be read as a checkpoint (missing, truncated, corrupt, wrong kind)."""
+
+
+class WrongKindError(CheckpointError):
+    """A readable file that is not what the command needs (a difference model given to
+    ``extract``, a base given as a ControlNet...). ``kind`` says what it is."""
+
+    def __init__(self, message: str, kind: str = "unknown") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -38,3 +50,11 @@ class OutputExistsError(CndiffError):
 
 class OutputError(CndiffError):
     """The output could not be written (no space, no permission, not a file path...)."""
+
+
+class OptionError(CndiffError):
+    """An option is unknown, out of range, or does not go with another one."""
+
+
+class NeedsTorchError(CndiffError):
+    """The operation needs PyTorch, which is not installed."""

@@ -1,91 +1,111 @@
 """What every output says about itself: safetensors ``__metadata__``.
 
 Keys follow the SAI ModelSpec conventions (``modelspec.*``) where one fits, plus
-``cndiff.*`` keys for what ModelSpec has no name for. Loaders ignore ``__metadata__``.
+``cndiff.*`` keys for what ModelSpec has no name for, among them ``cndiff.job``: the
+record of the job that made the file (inputs' names and sizes, base file or ``self``,
+format, dtype, rank or max-error, drop-unchanged), which decides whether a rerun skips
+it. Loaders ignore ``__metadata__``. Names from the file system are escaped where they
+are not valid Unicode.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import os
+import json
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any
 
 from . import _version
-from .identify import detect_arch
-from .inputs import Checkpoint
-from .progress import progress_bar
+from .hashes import FileHashes
+from .inputs.classify import detect_arch
+from .inputs.sources import Inputs
+from .options import Options
+from .targets import JOB_KEY
 
-__all__ = ["build_metadata", "sha256_file", "MODELSPEC_ARCH"]
+__all__ = ["build_metadata", "job_record", "MODELSPEC_ARCH"]
 
 #: ModelSpec architecture names of the SD families (ControlNet adapters get a suffix)
 MODELSPEC_ARCH = {"SD1.x": "stable-diffusion-v1", "SD2.x": "stable-diffusion-v2",
                   "SDXL": "stable-diffusion-xl-v1-base"}  # fmt: skip
 
+_DESCRIPTIONS = {
+    "difference": "ControlNet difference model: add the SD UNet to every control_model.* key "
+    "that has one (marker key 'difference')",
+    "standalone": "standalone ControlNet (difference + base UNet baked in)",
+    "control-lora": "Control-LoRA: UNet weights + up @ down for factorized layers",
+}
 
-def sha256_file(path: str | os.PathLike[str], progress: bool = False) -> str:
-    """sha256 of a whole file, read in 8 MiB blocks (with a progress bar if asked)."""
-    h = hashlib.sha256()
-    size = os.path.getsize(path)
-    buf = bytearray(8 << 20)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f, progress_bar(size, f"sha256 {Path(path).name}",
-                                                        progress) as bar:  # fmt: skip
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-            bar.update(n)
-    return h.hexdigest()
+
+def _file_name(path) -> str:
+    return path.name
+
+
+def job_record(kind: str, inputs: Inputs, options: Options) -> dict[str, Any]:
+    """What identifies the job that makes an output: an existing output whose record is
+    equal was made by the same job and is skipped on a rerun."""
+    base = inputs.base
+    record: dict[str, Any] = {
+        "kind": kind,
+        "dtype": options.dtype,
+        "source": _file_name(inputs.control.path),
+        "source_size": inputs.control.size,
+        "base": "self" if inputs.base_is_self else (_file_name(base.path) if base else None),
+        "base_size": None if inputs.base_is_self or base is None else base.size,
+    }
+    if kind == "difference":
+        record["drop_unchanged"] = options.drop_unchanged
+    if kind == "control-lora":
+        record.update(
+            rank=None if options.max_error is not None else options.lora_rank,
+            max_error=options.max_error,
+            stability_compatible=options.stability_compatible,
+            svd=options.svd,
+        )
+    # what json would give back, so that a record read from a file compares equal
+    return json.loads(json.dumps(record))
 
 
 def build_metadata(
-    *,
     kind: str,
-    control: Checkpoint,
-    base: Checkpoint | None,
-    base_is_self: bool,
-    dtype: str,
-    adapter: str = "controlnet",
+    inputs: Inputs,
+    options: Options,
+    *,
     dropped: Sequence[str] = (),
-    hashes: dict[str, str] | None = None,
+    hashes: dict[str, FileHashes] | None = None,
     extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """The ``__metadata__`` of an output.
-
-    ``kind``: ``difference``, ``standalone`` or ``control-lora``. ``control`` is the
-    input ControlNet file (original or difference), ``base`` the SD checkpoint used.
-    """
-    arch = detect_arch(control.tensors)
+    """The ``__metadata__`` of an output of ``kind`` (``difference``, ``standalone``,
+    ``control-lora``) made from ``inputs`` with ``options``."""
+    arch = detect_arch(inputs.control.tensors)
     family = MODELSPEC_ARCH.get(arch.split("-like")[0], "")
+    adapter = "control-lora" if kind == "control-lora" else "controlnet"
+    record = job_record(kind, inputs, options)
     meta = {
         "format": "pt",
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{family}/{adapter}" if family else adapter,
         "modelspec.implementation": "https://github.com/lllyasviel/ControlNet",
-        "modelspec.title": Path(control.path).stem,
+        "modelspec.title": inputs.control.path.stem,
         "modelspec.date": _dt.date.today().isoformat(),
-        "modelspec.description": {
-            "difference": "ControlNet difference model: add the SD UNet to every "
-            "control_model.* key that has one (marker key 'difference')",
-            "standalone": "standalone ControlNet (difference + base UNet baked in)",
-            "control-lora": "Control-LoRA: UNet weights + up @ down for factorized layers",
-        }.get(kind, kind),
+        "modelspec.description": _DESCRIPTIONS.get(kind, kind),
         "cndiff.version": _version.__version__,
         "cndiff.kind": kind,
         "cndiff.arch": arch,
-        "cndiff.dtype": dtype,
-        "cndiff.source": Path(control.path).name,
-        "cndiff.source_size": str(control.size),
-        "cndiff.base": "self" if base_is_self else (Path(base.path).name if base else ""),
-        "cndiff.base_size": "" if base_is_self or base is None else str(base.size),
+        "cndiff.dtype": options.out_dtype.name,
+        "cndiff.source": record["source"],
+        "cndiff.source_size": str(record["source_size"]),
+        "cndiff.base": record["base"] or "",
+        "cndiff.base_size": "" if record["base_size"] is None else str(record["base_size"]),
         "cndiff.dropped_keys": ",".join(dropped),
+        JOB_KEY: json.dumps(record, sort_keys=True, ensure_ascii=False),
     }
     if arch.startswith("SD1.x"):
         meta["modelspec.resolution"] = "512x512"
-    for name, digest in (hashes or {}).items():
-        meta[f"cndiff.{name}_sha256"] = digest
+    elif arch.startswith("SDXL"):
+        meta["modelspec.resolution"] = "1024x1024"
+    for role, h in (hashes or {}).items():
+        for name, value in h.to_dict().items():
+            if value is not None:
+                meta[f"cndiff.{role}_{name}"] = value
     meta.update(extra or {})
     return meta

@@ -1,4 +1,4 @@
-"""Stream a safetensors file to disk, atomically.
+"""Write outputs atomically; stream a safetensors file to disk.
 
 A safetensors file is an 8-byte header length, a JSON header giving every tensor's dtype,
 shape and byte range, then the tensor bytes back to back. When every output shape and
@@ -6,13 +6,13 @@ dtype is known before any data is computed (as it is for a difference model), th
 can be written first and the tensors appended as they are produced, so the output is
 never held in memory.
 
-The file is written under a temporary name beside the target and moved into place only
-when it is complete and flushed to disk; on any error, or Ctrl-C, the temporary file is
-removed and the target is untouched. Without ``overwrite`` the final move refuses to
-replace a file that appeared meanwhile. A temporary file holds an exclusive ``flock``
-while it is written, so that :func:`remove_stale_temp_files` (run before writing) removes
-only those of killed runs, even when the writer's process id means nothing here (another
-container sharing the folder).
+Every output (:class:`AtomicFile`) is written under a temporary name beside the target
+and moved into place only when it is complete and flushed to disk; on any error, or
+Ctrl-C, the temporary file is removed and the target is untouched. Without ``overwrite``
+the final move refuses to replace a file that appeared meanwhile. A temporary file holds
+an exclusive ``flock`` while it is written, so that :func:`remove_stale_temp_files` (run
+before writing) removes only those of killed runs, even when the writer's process id means
+nothing here (another container sharing the folder).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import stat
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,15 +35,32 @@ import numpy as np
 
 from .dtypes import DType
 from .errors import CndiffError, OutputError, OutputExistsError
+from .text import escape, escape_path
 
-__all__ = ["OutputEntry", "SafetensorsWriter", "temp_files_for", "remove_stale_temp_files"]
+__all__ = [
+    "OutputEntry",
+    "AtomicFile",
+    "SafetensorsWriter",
+    "build_header",
+    "temp_files_for",
+    "temp_path",
+    "remove_stale_temp_files",
+    "check_writable_name",
+    "MAX_HEADER_BYTES",
+]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("cndiff")
 
 _TMP_SUFFIX = ".cndiff-tmp"
 #: start writeback every this many bytes written
 _WRITEBACK_BYTES = 32 << 20
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}" + re.escape(_TMP_SUFFIX) + "$")
+#: safetensors readers refuse headers larger than this
+MAX_HEADER_BYTES = 100_000_000
+#: a file name's longest length where the file system does not say
+_NAME_MAX = 255
+# what a temporary name adds to the target's name: "." + ".<pid>.<8 hex>" + suffix
+_TMP_EXTRA = 1 + 1 + 10 + 1 + 8 + len(_TMP_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -61,24 +79,84 @@ class OutputEntry:
         return n
 
 
+def _unicode_ok(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _metadata_text(value: object) -> str:
+    # names from a file system may hold lone surrogates (undecodable bytes): escape them,
+    # a safetensors reader refuses a header that is not valid UTF-8
+    text = str(value)
+    return text if _unicode_ok(text) else text.encode("utf-8", "backslashreplace").decode()
+
+
 def build_header(entries: Sequence[OutputEntry], metadata: dict[str, str] | None) -> bytes:
-    """The header bytes (length prefix included), tensors laid out in ``entries`` order."""
+    """The header bytes (length prefix included), tensors laid out in ``entries`` order.
+
+    Raises :class:`OutputError` for what a safetensors reader would refuse: a key that is
+    not valid Unicode text (a lone surrogate), a duplicate key, a header over 100 MB.
+    """
     header: dict[str, object] = {}
     if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        header["__metadata__"] = {_metadata_text(k): _metadata_text(v)
+                                  for k, v in metadata.items()}  # fmt: skip
     pos = 0
     for e in entries:
         if e.key in header or e.key == "__metadata__":
-            raise CndiffError(f"duplicate output key {e.key!r}")
+            raise OutputError(f"two output tensors are named {escape(e.key)!r}")
+        if not _unicode_ok(e.key):
+            raise OutputError(
+                f"the key {escape(e.key)!r} is not valid Unicode text (a lone surrogate), "
+                "so no safetensors reader could open the output; the input file is corrupt "
+                "or was written by a broken tool"
+            )
         header[e.key] = {
             "dtype": e.dtype.safetensors,
             "shape": list(e.shape),
             "data_offsets": [pos, pos + e.nbytes],
         }
         pos += e.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
+    if len(raw) > MAX_HEADER_BYTES:
+        raise OutputError(
+            f"the output's header would take {len(raw):,} bytes; safetensors readers refuse "
+            f"headers over {MAX_HEADER_BYTES:,} (the input has too many or too long keys)"
+        )
     return len(raw).to_bytes(8, "little") + raw
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return _NAME_MAX
+
+
+def check_writable_name(target: Path) -> None:
+    """Refuse an output file name the file system cannot hold."""
+    limit = _name_max(target.parent if target.parent.exists() else Path("."))
+    n = len(os.fsencode(target.name))
+    if n > limit:
+        raise OutputError(
+            f"the output name {escape(target.name, 80)!r} is {n} bytes long; this file system "
+            f"allows {limit}: choose a shorter -o"
+        )
+
+
+def _tmp_stem(name: str, limit: int) -> str:
+    """The target's name as it appears in its temporary names: whole when it fits in the
+    file system's name limit, else cut and tagged with a hash of the whole name."""
+    if len(os.fsencode(name)) + _TMP_EXTRA <= limit:
+        return name
+    digest = hashlib.sha1(os.fsencode(name)).hexdigest()[:8]
+    keep = max(1, limit - _TMP_EXTRA - 9)
+    cut = os.fsencode(name)[:keep].decode("utf-8", "ignore")
+    return f"{cut}~{digest}"
 
 
 def temp_files_for(target: Path) -> list[Path]:
@@ -87,12 +165,24 @@ def temp_files_for(target: Path) -> list[Path]:
         names = os.listdir(target.parent)
     except OSError:
         return []
+    stem = _tmp_stem(target.name, _name_max(target.parent))
     out = []
     for n in names:
         m = _TMP_RE.match(n)
-        if m and m.group("name") == target.name:
+        if not m:
+            continue
+        name = m.group("name")
+        inner = _TMP_RE.match(name)  # a temporary file of a temporary file (the drop-in's)
+        if name == stem or (inner is not None and inner.group("name") == stem):
             out.append(target.parent / n)
     return out
+
+
+def temp_path(target: Path) -> Path:
+    """A new temporary name for ``target`` (the same pattern as :class:`AtomicFile`'s, so
+    :func:`remove_stale_temp_files` removes it when its process is gone)."""
+    stem = _tmp_stem(target.name, _name_max(target.parent))
+    return target.parent / f".{stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -104,6 +194,8 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    except OverflowError:
+        return False
     return True
 
 
@@ -133,61 +225,68 @@ def remove_stale_temp_files(target: Path) -> list[Path]:
             try:
                 p.unlink()
                 removed.append(p)
-                log.info("removed leftover temporary file %s", p)
+                log.info("removed leftover temporary file %s", escape_path(p))
             except OSError:
                 pass
     return removed
 
 
 def _os_error(exc: OSError, target: Path) -> OutputError:
+    where = escape_path(target.parent)
     if exc.errno == errno.ENOSPC:
-        return OutputError(f"no space left on the disk of {target.parent}: free some and run again")
+        return OutputError(f"no space left on the disk of {where}: free some and run again")
     if exc.errno == errno.EDQUOT:
-        return OutputError(f"disk quota exceeded writing {target}: free some space and run again")
+        return OutputError(f"disk quota exceeded writing {escape_path(target)}: free some "
+                           "space and run again")  # fmt: skip
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return OutputError(f"cannot write to {target.parent} ({exc.strerror}): choose another -o")
+        return OutputError(f"cannot write to {where} ({exc.strerror}): choose another -o")
     if exc.errno == errno.ENOENT:
-        return OutputError(f"folder {target.parent} does not exist: create it or choose another -o")
-    return OutputError(f"cannot write {target}: {exc.strerror or exc}")
+        return OutputError(f"folder {where} does not exist: create it or choose another -o")
+    if exc.errno == errno.ENAMETOOLONG:
+        return OutputError(f"the output name {escape(target.name, 80)!r} is too long for this "
+                           "file system: choose a shorter -o")  # fmt: skip
+    return OutputError(f"cannot write {escape_path(target)}: {exc.strerror or exc}")
 
 
-class SafetensorsWriter:
-    """Write one safetensors file, tensor by tensor, in the order of ``entries``.
+def refuse_special(target: Path) -> None:
+    """Refuse an existing output path that is not a regular file (a folder, a device such
+    as /dev/null, a FIFO, a socket): replacing it would not do what the user means."""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _os_error(exc, target) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"output {escape_path(target)} is a folder; name a file, or pass the "
+                          "folder as -o")  # fmt: skip
+    if not stat.S_ISREG(st.st_mode):
+        raise OutputError(
+            f"output {escape_path(target)} exists and is not a regular file (a device, a pipe "
+            "or a socket); cndiff never replaces those: choose another -o"
+        )
 
-    Use as a context manager; call :meth:`write` with each tensor's bytes (in as many
-    pieces as you like, in order), then :meth:`commit`. Leaving the block without a
-    commit, or with an exception, removes the temporary file.
 
-    ``sha256`` of the whole file is computed as it is written when ``hash=True``.
+class AtomicFile:
+    """An output file written under a temporary name and moved into place by
+    :meth:`commit` (flushed to disk first); :meth:`abort` (or leaving a ``with`` block
+    without committing) removes it. ``path`` is the temporary file, for writers that need
+    a path (``torch.save``); :meth:`write` appends bytes through the open descriptor.
     """
 
-    def __init__(
-        self,
-        target: str | os.PathLike[str],
-        entries: Sequence[OutputEntry],
-        metadata: dict[str, str] | None = None,
-        *,
-        overwrite: bool = False,
-        hash: bool = False,
-    ) -> None:
+    def __init__(self, target: str | os.PathLike[str], *, overwrite: bool = False) -> None:
         self.target = Path(target)
-        self.entries = list(entries)
         self.overwrite = overwrite
-        self._header = build_header(self.entries, metadata)
-        self.size = len(self._header) + sum(e.nbytes for e in self.entries)
-        self._hash = hashlib.sha256() if hash else None
-        self._fd = -1
-        self.tmp: Path | None = None
-        self._written = 0
-        self._flushed = 0
+        self.path: Path | None = None
+        self.fd = -1
         self.committed = False
-        self.sha256: str | None = None
+        self._flushed = 0
+        self.written = 0
 
-    # -- lifecycle ---------------------------------------------------------------------
-    def __enter__(self) -> SafetensorsWriter:
+    def __enter__(self) -> AtomicFile:
         try:
             self.open()
-        except BaseException:  # Ctrl-C while writing the header: __exit__ won't run
+        except BaseException:  # Ctrl-C while opening: __exit__ won't run
             self.abort()
             raise
         return self
@@ -198,84 +297,57 @@ class SafetensorsWriter:
 
     def open(self) -> None:
         t = self.target
-        if t.is_dir():
-            raise OutputError(f"output {t} is a folder; name a file, or pass the folder as -o")
+        refuse_special(t)
         if t.exists() and not self.overwrite:
-            raise OutputExistsError(f"{t} exists; pass --overwrite to replace it")
-        name = f".{t.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}"
-        self.tmp = t.parent / name
+            raise OutputExistsError(f"{escape_path(t)} exists; pass --overwrite to replace it")
+        self.path = temp_path(t)
         try:
-            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as exc:
-            self.tmp = None
+            self.path = None
             raise _os_error(exc, t) from None
         with contextlib.suppress(OSError):  # not every filesystem locks; then pids decide
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._raw_write(memoryview(self._header))
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
-    def _raw_write(self, view: memoryview) -> None:
+    def write(self, view: memoryview | bytes) -> None:
+        """Append bytes."""
+        if self.fd < 0:
+            raise CndiffError("internal error: the output is not open")
+        view = memoryview(view).cast("B")
         try:
             while len(view):
-                n = os.write(self._fd, view)
+                n = os.write(self.fd, view)
                 view = view[n:]
+                self.written += n
         except OSError as exc:
             err = _os_error(exc, self.target)
             self.abort()
             raise err from None
-
-    def write(self, data: np.ndarray | bytes | memoryview) -> None:
-        """Append tensor bytes (a contiguous numpy array or a bytes-like object)."""
-        if self._fd < 0:
-            raise CndiffError("writer is not open")
-        view = (
-            memoryview(data.reshape(-1).view(np.uint8))
-            if isinstance(data, np.ndarray)
-            else memoryview(data).cast("B")
-        )
-        if self._written + len(view) > self.size - len(self._header):
-            self.abort()
-            raise CndiffError("internal error: more tensor bytes than the header announced")
-        if self._hash is not None:
-            if self._written == 0:
-                self._hash.update(self._header)
-            self._hash.update(view)
-        self._raw_write(view)
-        self._written += len(view)
         self._start_writeback()
 
     def _start_writeback(self) -> None:
         # Ask the kernel to start writing what we wrote so far (POSIX_FADV_DONTNEED starts
         # asynchronous writeback of dirty pages on Linux), so the fsync at commit finds
         # little left to flush: the disk works while we compute.
-        end = len(self._header) + self._written
-        if end - self._flushed >= _WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
+        if self.written - self._flushed >= _WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
             with contextlib.suppress(OSError):
-                os.posix_fadvise(self._fd, self._flushed, end - self._flushed,
+                os.posix_fadvise(self.fd, self._flushed, self.written - self._flushed,
                                  os.POSIX_FADV_DONTNEED)  # fmt: skip
-            self._flushed = end
+            self._flushed = self.written
 
     def commit(self) -> Path:
         """Flush to disk and move the file into place. Returns the target path."""
-        expected = self.size - len(self._header)
-        if self._written != expected:
-            self.abort()
-            raise CndiffError(
-                f"internal error: wrote {self._written} tensor bytes, header announced {expected}"
-            )
-        if self._hash is not None:
-            if expected == 0:
-                self._hash.update(self._header)
-            self.sha256 = self._hash.hexdigest()
-        assert self.tmp is not None
+        assert self.path is not None
         try:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            refuse_special(self.target)
             if self.overwrite:
-                os.replace(self.tmp, self.target)
+                os.replace(self.path, self.target)
             else:
-                _move_no_replace(self.tmp, self.target)
-            self.tmp = None
+                _move_no_replace(self.path, self.target)
+            self.path = None
             _fsync_dir(self.target.parent)
         except OSError as exc:
             err = _os_error(exc, self.target)
@@ -289,14 +361,88 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         """Close and remove the temporary file. Safe to call more than once."""
-        if self._fd >= 0:
+        if self.fd >= 0:
             with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = -1
-        if self.tmp is not None:
+                os.close(self.fd)
+            self.fd = -1
+        if self.path is not None:
             with contextlib.suppress(OSError):
-                os.unlink(self.tmp)
-            self.tmp = None
+                os.unlink(self.path)
+            self.path = None
+
+
+class SafetensorsWriter:
+    """Write one safetensors file, tensor by tensor, in the order of ``entries``.
+
+    Use as a context manager; call :meth:`write` with each tensor's bytes (in as many
+    pieces as you like, in order), then :meth:`commit`. Leaving the block without a
+    commit, or with an exception, removes the temporary file. The sha256 of the whole
+    file is computed as it is written (``sha256`` after the commit).
+    """
+
+    def __init__(
+        self,
+        target: str | os.PathLike[str],
+        entries: Sequence[OutputEntry],
+        metadata: dict[str, str] | None = None,
+        *,
+        overwrite: bool = False,
+    ) -> None:
+        self.target = Path(target)
+        self.entries = list(entries)
+        self._header = build_header(self.entries, metadata)
+        self.size = len(self._header) + sum(e.nbytes for e in self.entries)
+        self._hash = hashlib.sha256()
+        self._file = AtomicFile(self.target, overwrite=overwrite)
+        self._written = 0
+        self.sha256: str | None = None
+
+    @property
+    def committed(self) -> bool:
+        return self._file.committed
+
+    def __enter__(self) -> SafetensorsWriter:
+        self._file.__enter__()
+        try:
+            self._raw(self._header)
+        except BaseException:  # Ctrl-C while writing the header: __exit__ won't run
+            self._file.abort()
+            raise
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._file.__exit__(exc_type, exc, tb)
+
+    def _raw(self, data: bytes | memoryview) -> None:
+        self._hash.update(data)
+        self._file.write(data)
+
+    def write(self, data: np.ndarray | bytes | memoryview) -> None:
+        """Append tensor bytes (a contiguous numpy array or a bytes-like object)."""
+        view = (
+            memoryview(data.reshape(-1).view(np.uint8))
+            if isinstance(data, np.ndarray)
+            else memoryview(data).cast("B")
+        )
+        if self._written + len(view) > self.size - len(self._header):
+            self._file.abort()
+            raise CndiffError("internal error: more tensor bytes than the header announced")
+        self._raw(view)
+        self._written += len(view)
+
+    def commit(self) -> Path:
+        """Flush to disk and move the file into place. Returns the target path."""
+        expected = self.size - len(self._header)
+        if self._written != expected:
+            self._file.abort()
+            raise CndiffError(
+                f"internal error: wrote {self._written} tensor bytes, header announced {expected}"
+            )
+        self.sha256 = self._hash.hexdigest()
+        return self._file.commit()
+
+    def abort(self) -> None:
+        self._file.abort()
 
 
 # link() failing this way means the filesystem has no hard links (FAT, exFAT, some
@@ -304,24 +450,25 @@ class SafetensorsWriter:
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
 
 
+def _exists_error(target: Path) -> OutputExistsError:
+    return OutputExistsError(
+        f"{escape_path(target)} exists (it appeared while writing: another run?); pass "
+        "--overwrite to replace it"
+    )
+
+
 def _move_no_replace(tmp: Path, target: Path) -> None:
     """Move ``tmp`` to ``target``, refusing to replace a file that appeared meanwhile."""
     try:
         os.link(tmp, target)
     except FileExistsError:
-        raise OutputExistsError(
-            f"{target} exists (it appeared while writing: another run?); pass --overwrite to "
-            "replace it"
-        ) from None
+        raise _exists_error(target) from None
     except OSError as exc:
         if exc.errno not in _NO_LINKS:
             raise
         # No hard links here: check, then rename (a file appearing in between is replaced).
         if os.path.lexists(target):
-            raise OutputExistsError(
-                f"{target} exists (it appeared while writing: another run?); pass --overwrite to "
-                "replace it"
-            ) from None
+            raise _exists_error(target) from None
         os.rename(tmp, target)
         return
     os.unlink(tmp)

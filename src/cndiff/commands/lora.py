@@ -1,0 +1,298 @@
+"""Export a ControlNet as a Control-LoRA (``extract(..., format="control-lora")``).
+
+The format is described in :mod:`cndiff.lora`. How ``up @ down`` approximates
+``D = control - base`` (computed in float32 exactly as a difference model's, through the
+backend's ``combine``):
+
+* ``rank=N`` (default 128): the truncated SVD of each layer, the best rank-``N``
+  approximation in the Frobenius norm (factors ``U sqrt(S)`` and ``sqrt(S) Vh``);
+* ``max_error=E``: per layer the smallest rank whose relative error of the difference
+  ``||D - up @ down||_F / ||D||_F`` is at most ``E``;
+* ``stability_compatible``: ``up = U*S``, ``down = Vh`` at rank ``min(N, out, in)``, both
+  clamped to ``±q`` with ``q`` the 0.99 quantile of their values (Stability's node).
+
+The SVD is exact by default (``svd="gram"``: the eigendecomposition of the float64 Gram
+matrix ``D Dᵀ`` or ``Dᵀ D``, through the backend: numpy's LAPACK on the CPU, torch on a
+GPU). A control with NaN or infinite values in a factorized layer is refused (no SVD of it
+exists). Every layer is factorized first (one layer's ``D`` in memory at a time; the
+factors, about the size of the output file, are kept): with ``max_error`` the ranks, and so
+the header, are known only then. The file is then written atomically like every output.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import numpy as np
+
+from ..backends import Backend, Raw
+from ..dtypes import F32, DType
+from ..errors import CheckpointError
+from ..fingerprint import BaseMatchStats, classify_base
+from ..inputs import Checkpoint
+from ..inputs.classify import UNET_PREFIX
+from ..inputs.sources import Inputs
+from ..lora import (
+    MARKER_KEY,
+    STABILITY_CLAMP_QUANTILE,
+    LoraEntry,
+    choose_kind,
+    layout_counts,
+    lora_layout,
+    matrix_dims,
+)
+from ..options import Options
+from ..pipeline import Job, describe_keys, input_hashes, make_job
+from ..plan import Plan, PlanItem
+from ..progress import progress_bar
+from ..provenance import build_metadata
+from ..results import ExtractResult, LoraLayer, LoraSummary
+from ..text import escape
+from ..writer import OutputEntry, SafetensorsWriter
+
+__all__ = ["plan_lora", "export_lora", "SVD_AUTO"]
+
+log = logging.getLogger("cndiff")
+
+#: what ``svd="auto"`` means (the exact Gram eigendecomposition: fastest on a CPU)
+SVD_AUTO = "gram"
+
+
+def plan_lora(inputs: Inputs, options: Options) -> tuple[Plan, list[LoraEntry]]:
+    """The Control-LoRA layout of a job (ranks from ``rank``; ``max_error`` decides them
+    later), and a plan of the same tensors for the job machinery."""
+    assert inputs.base is not None
+    layout = lora_layout(
+        inputs.control.tensors,
+        inputs.base.tensors,
+        rank=options.lora_rank,
+        stability_compatible=options.stability_compatible,
+        base_prefix=inputs.base_prefix,
+        control_name=escape(inputs.control.path.name),
+        base_name=inputs.base_name,
+    )
+    items = [PlanItem(e.control_key, e.control_key, e.base_key, e.shape) for e in layout]
+    return Plan(items, "sub", "control-lora", MARKER_KEY), layout
+
+
+def _read(ck: Checkpoint, key: str, backend: Backend) -> np.ndarray:
+    """A whole tensor as float32 (through the backend's conversion)."""
+    info = ck.info(key)
+    raw = ck.read(key).reshape(-1)
+    out = np.empty(raw.size, np.float32)
+    backend.combine(None, Raw(raw, info.dtype), None, out, F32)
+    return out.reshape(info.shape)
+
+
+def _to_dtype(x: np.ndarray, dt: DType, backend: Backend) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` (float32) rounded to the output dtype: (stored values, as float32)."""
+    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    stored = np.empty(flat.size, dt.numpy)
+    backend.combine(None, Raw(flat, F32), None, stored, dt)
+    back = np.empty(flat.size, np.float32)
+    backend.combine(None, Raw(stored, dt), None, back, F32)
+    return stored.reshape(x.shape), back.reshape(x.shape)
+
+
+def _norm(x: np.ndarray) -> float:
+    v = x.reshape(-1).astype(np.float64)
+    return math.sqrt(float(np.dot(v, v)))
+
+
+def _clamp(up: np.ndarray, down: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Clamp both factors to ±(0.99 quantile of all their values), as Stability's node."""
+    hi = float(np.quantile(np.concatenate([up.reshape(-1), down.reshape(-1)]),
+                           STABILITY_CLAMP_QUANTILE))  # fmt: skip
+    return np.clip(up, -hi, hi), np.clip(down, -hi, hi)
+
+
+def _factorize(
+    entry: LoraEntry, inputs: Inputs, options: Options, backend: Backend, method: str,
+    match: BaseMatchStats | None,
+) -> tuple[LoraEntry, tuple[np.ndarray, np.ndarray] | None, LoraLayer]:
+    """One mirrored Linear/Conv2d weight: its final entry (kind and rank decided), the
+    stored factors (None when stored in full) and the layer's figures."""
+    assert entry.base_key is not None and inputs.base is not None
+    ctl, dt = inputs.control, options.out_dtype
+    c = _read(ctl, entry.control_key, backend)
+    b = _read(inputs.base, entry.base_key, backend)
+    if match is not None:
+        _compare(entry, inputs, backend, match)
+    m, n = matrix_dims(entry.shape)
+    d = np.empty(c.size, np.float32)
+    mx = backend.combine("sub", Raw(c.reshape(-1), F32), Raw(b.reshape(-1), F32), d, F32)
+    if not math.isfinite(mx):
+        raise CheckpointError(
+            f"{escape(ctl.path.name)}: {escape(entry.control_key)} holds NaN or infinite values "
+            "(in the control or the base): no Control-LoRA can be computed from it; extract a "
+            "difference model instead, or use another file"
+        )
+    d = d.reshape(m, n)
+    norm = _norm(d)
+    w_norm = _norm(c)
+    want = options.lora_rank
+    dec = None
+    if options.max_error is not None:
+        dec = backend.decompose(d, method, min(m, n))
+        want = dec.rank_for(options.max_error)
+    kind, r = choose_kind(entry.shape, want, options.stability_compatible)
+    final = entry.with_kind(kind, r)
+    if kind == "weight":  # the control's own weight, rounded once to the output dtype
+        _, back = _to_dtype(c, dt, backend)
+        err = _norm(back - c)
+        layer = LoraLayer(entry.control_key, entry.shape, "weight", r, 0.0,
+                          err / w_norm if w_norm else 0.0, 1.0, norm, w_norm)  # fmt: skip
+        return final, None, layer
+    if dec is None:
+        dec = backend.decompose(d, method, r)
+    up, down, kept = dec.factors(r, "stability" if options.stability_compatible else "balanced")
+    tail = dec.tail_sq(r)
+    del dec
+    if options.stability_compatible:
+        up, down = _clamp(up, down)
+        trunc = _norm(d - up @ down)
+    elif tail is not None:  # (from the small singular values: no cancellation)
+        trunc = math.sqrt(max(tail, 0.0))
+    else:
+        trunc = _norm(d - up @ down)
+    (_, up_shape), (_, down_shape) = final.outputs
+    up_o, up_back = _to_dtype(up, dt, backend)
+    down_o, down_back = _to_dtype(down, dt, backend)
+    rebuilt = b.reshape(m, n) + up_back @ down_back
+    w_err = _norm(rebuilt - c.reshape(m, n))
+    energy = kept / (norm * norm) if norm else 1.0
+    layer = LoraLayer(entry.control_key, entry.shape, "lora", r, trunc / norm if norm else 0.0,
+                      w_err / w_norm if w_norm else 0.0, min(energy, 1.0), norm,
+                      w_norm)  # fmt: skip
+    return final, (up_o.reshape(up_shape), down_o.reshape(down_shape)), layer
+
+
+def _compare(entry: LoraEntry, inputs: Inputs, backend: Backend, match: BaseMatchStats) -> None:
+    """Add one tensor to the base check (base vs the control file's embedded UNet)."""
+    assert inputs.base is not None and entry.base_key is not None
+    ekey = UNET_PREFIX + entry.control_key.split(".", 1)[1]
+    info = inputs.control.tensors.get(ekey)
+    if info is None or info.shape != entry.shape:
+        return
+    e = Raw(inputs.control.read(ekey).reshape(-1), info.dtype)
+    b = Raw(inputs.base.read(entry.base_key).reshape(-1), inputs.base.info(entry.base_key).dtype)
+    match.add(backend.compare(e, b), True)
+
+
+def export_lora(
+    inputs: Inputs,
+    out: str | os.PathLike[str] | None,
+    options: Options,
+    backend: Backend,
+    *,
+    many: bool = False,
+) -> ExtractResult:
+    """Write the Control-LoRA of ``inputs`` (see the module documentation).
+
+    Raises :class:`~cndiff.targets.Skip` when a complete output of the same job exists,
+    and a :class:`~cndiff.errors.CndiffError` for anything a user can fix.
+    """
+    plan, layout = plan_lora(inputs, options)
+    job = make_job(inputs, plan, out, options, many=many)
+    if options.hash_inputs:
+        input_hashes([job], options.progress)
+    method = SVD_AUTO if options.svd == "auto" else options.svd
+    compare = options.check_base and not inputs.base_is_self and inputs.has_embedded_unet
+    match = BaseMatchStats() if compare else None
+    final: list[LoraEntry] = []
+    factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    layers: list[LoraLayer] = []
+    t_svd = time.perf_counter()
+    todo = sum(1 for e in layout if e.kind != "copy")
+    with progress_bar(todo, escape(inputs.control.path.name), options.progress,
+                      unit="layer") as bar:  # fmt: skip
+        for e in layout:
+            if e.kind == "copy":
+                final.append(e)
+                if match is not None and e.base_key is not None:
+                    _compare(e, inputs, backend, match)
+                continue
+            fe, fac, layer = _factorize(e, inputs, options, backend, method, match)
+            final.append(fe)
+            layers.append(layer)
+            if fac is not None:
+                factors[fe.control_key] = fac
+            log.debug("%s: %s rank %d, difference error %.5f", escape(layer.key), layer.kind,
+                      layer.rank, layer.diff_error)  # fmt: skip
+            bar.update(1)
+    svd_seconds = time.perf_counter() - t_svd
+    keys, params = layout_counts(final)
+    summary = LoraSummary(layers, None if options.max_error is not None else options.lora_rank,
+                          options.max_error, method, options.stability_compatible, params,
+                          svd_seconds)  # fmt: skip
+    result = _write(job, final, factors, options, backend, summary, keys)
+    if match is not None and match.keys:
+        result.base_match = classify_base(match)
+        kind = result.base_match.kind
+        (log.info if kind == "identical" else log.warning)(
+            "%s: %s", escape(inputs.control.path.name), result.base_match.message
+        )
+    worst = [x for x in summary.worst(3) if x.kind == "lora"]
+    if worst:
+        log.info("%s: largest errors of the difference: %s", escape(inputs.control.path.name),
+                 ", ".join(f"{escape(x.key)} (rank {x.rank}) {x.diff_error:.4f}"
+                           for x in worst))  # fmt: skip
+    return result
+
+
+def _write(job: Job, final: list[LoraEntry], factors, options: Options, backend: Backend,
+           summary: LoraSummary, keys: int) -> ExtractResult:  # fmt: skip
+    dt = options.out_dtype
+    inputs = job.inputs
+    entries = [OutputEntry(k, dt, s) for e in final for k, s in e.outputs]
+    entries.append(OutputEntry(MARKER_KEY, F32, (0,)))
+    extra = {
+        "cndiff.rank": "" if summary.rank is None else str(summary.rank),
+        "cndiff.max_error": "" if summary.max_error is None else f"{summary.max_error:g}",
+        "cndiff.stability_compatible": str(options.stability_compatible).lower(),
+        "cndiff.svd": summary.svd,
+        "cndiff.diff_error": f"{summary.diff_error:.6g}",
+    }
+    meta = build_metadata("control-lora", inputs, options, hashes=job.hashes, extra=extra)
+    nonfinite: list[str] = []
+    with SafetensorsWriter(job.target, entries, meta, overwrite=options.overwrite) as w:
+        for e in final:
+            if e.kind == "lora":
+                up, down = factors.pop(e.control_key)
+                w.write(up)
+                w.write(down)
+                continue
+            info = inputs.control.info(e.control_key)
+            raw = inputs.control.read(e.control_key).reshape(-1)
+            stored = np.empty(raw.size, dt.numpy)
+            m = backend.combine(None, Raw(raw, info.dtype), None, stored, dt)
+            if not math.isfinite(m):
+                nonfinite.append(e.control_key)
+            w.write(stored)
+        w.write(b"")
+        inputs.check_unchanged()
+        w.commit()
+    if nonfinite:
+        log.warning("%s: %d key(s) hold NaN or infinite values: %s",
+                    escape(inputs.control.path.name), len(nonfinite),
+                    describe_keys(nonfinite))  # fmt: skip
+    paired = sum(1 for e in final if e.kind != "copy")
+    return ExtractResult(
+        source=inputs.control.path,
+        output=job.target,
+        kind="control-lora",
+        dtype=dt.name,
+        bytes=w.size,
+        seconds=time.perf_counter() - job.started,
+        sha256=w.sha256,
+        keys_written=keys,
+        paired=paired,
+        copied=len(final) - paired,
+        device=backend.device,
+        backend=backend.name,
+        nonfinite=nonfinite,
+        lora=summary,
+    )

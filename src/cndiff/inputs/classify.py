@@ -1,0 +1,115 @@
+"""What a checkpoint file is, from its key names and shapes alone (no tensor data).
+
+One place decides it for every command: ``extract`` refuses a file that is not a
+ControlNet (a difference model, a Control-LoRA, a base) with a message that says what it
+is and what to use instead; ``batch`` skips such files with that reason; ``inspect``
+shows it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .checkpoint import TensorInfo
+
+__all__ = [
+    "CONTROL_PREFIX",
+    "UNET_PREFIX",
+    "DIFFERENCE_KEY",
+    "LORA_MARKER",
+    "KINDS",
+    "FileKind",
+    "classify",
+    "detect_arch",
+]
+
+CONTROL_PREFIX = "control_model."
+UNET_PREFIX = "model.diffusion_model."
+#: the marker key of a difference model
+DIFFERENCE_KEY = "difference"
+#: the marker key of a Control-LoRA
+LORA_MARKER = "lora_controlnet"
+
+#: file kinds and how users call them
+KINDS = {
+    "original-controlnet": "original ControlNet checkpoint (ControlNet + full SD model)",
+    "pruned-controlnet": "pruned ControlNet (ControlNet weights only)",
+    "difference": "ControlNet difference model (needs the SD UNet added at load time)",
+    "control-lora": "Control-LoRA",
+    "diffusers-controlnet": "diffusers ControlNet",
+    "sd-checkpoint": "Stable Diffusion checkpoint (no ControlNet)",
+    "unknown": "unknown (no ControlNet or UNet keys)",
+}
+
+#: kinds that hold a ControlNet ``extract`` can take
+CONTROL_KINDS = ("original-controlnet", "pruned-controlnet")
+
+_WIDTHS = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+
+
+@dataclass(frozen=True)
+class FileKind:
+    """``kind`` is a key of :data:`KINDS`; ``arch`` is ``SD1.x``, ``SD2.x``, ``SDXL``,
+    ``...-like (...)`` for scaled-down models, or ``unknown``."""
+
+    kind: str
+    arch: str
+
+    @property
+    def description(self) -> str:
+        return KINDS[self.kind]
+
+    @property
+    def is_control(self) -> bool:
+        """A ControlNet whose weights ``extract`` turns into a difference model."""
+        return self.kind in CONTROL_KINDS
+
+
+def classify(tensors: Mapping[str, TensorInfo]) -> FileKind:
+    """Say what a state dict is, from its keys (markers first: a file carrying the
+    ``difference`` or ``lora_controlnet`` marker is never an original ControlNet)."""
+    return FileKind(_kind(tensors), detect_arch(tensors))
+
+
+def _kind(keys: Mapping[str, object]) -> str:
+    if LORA_MARKER in keys:
+        return "control-lora"
+    if any(k.startswith("controlnet_cond_embedding.") for k in keys):
+        return "diffusers-controlnet"
+    control = any(k.startswith(CONTROL_PREFIX) for k in keys)
+    bare_control = any(k.startswith(("zero_convs.", "input_hint_block.")) for k in keys)
+    if DIFFERENCE_KEY in keys and (control or bare_control):
+        return "difference"
+    if control:
+        if any(k.startswith(UNET_PREFIX) for k in keys):
+            return "original-controlnet"
+        return "pruned-controlnet"
+    if bare_control:
+        return "pruned-controlnet"
+    if any(k.startswith(UNET_PREFIX) for k in keys):
+        return "sd-checkpoint"
+    return "unknown"
+
+
+def detect_arch(tensors: Mapping[str, TensorInfo]) -> str:
+    """``SD1.x``, ``SD2.x``, ``SDXL`` or ``unknown``, from the cross-attention width.
+
+    Scaled-down models (tests) have another width; then SDXL is told by ``label_emb``
+    and SD2.x by its Linear ``proj_in`` (2-D), and the width is named.
+    """
+    width = None
+    linear_proj = None
+    sdxl = False
+    for k, t in tensors.items():
+        if width is None and (k.endswith("attn2.to_k.weight") or k.endswith("attn2.to_k.down")):
+            width = t.shape[-1] if len(t.shape) == 2 else None
+        if linear_proj is None and k.endswith("proj_in.weight"):
+            linear_proj = len(t.shape) == 2
+        sdxl |= ".label_emb." in f".{k}" or k.startswith("add_embedding.")
+    if width is None:
+        return "unknown"
+    if width in _WIDTHS:
+        return _WIDTHS[width]
+    guess = "SDXL" if sdxl else "SD2.x" if linear_proj else "SD1.x"
+    return f"{guess}-like (cross-attention width {width}, not a standard size)"

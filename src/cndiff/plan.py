@@ -1,0 +1,170 @@
+"""Map keys: which output tensor comes from which input tensors, and how.
+
+ControlNet's trainable copy of the UNet encoder is stored as ``control_model.X``; the
+same module of the Stable Diffusion UNet is ``model.diffusion_model.X`` in an SD
+checkpoint. The rule is a prefix swap, not an SD1.5 table, so SD2.x and SDXL pairs work
+too. Keys under ``control_model.`` with no UNet counterpart (``input_hint_block``,
+``zero_convs``, ``middle_block_out``) are ControlNet's own and are stored as they are.
+
+A :class:`Plan` lists every output tensor (:class:`PlanItem`) with the control key it is
+read from and, when it is combined with the base, the base key. Plans are made from key
+names and shapes only; no tensor data is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .errors import CheckpointError, IncompatibleBaseError
+from .inputs.classify import CONTROL_PREFIX, DIFFERENCE_KEY
+from .inputs.sources import MIRRORED, Inputs
+from .text import escape
+
+__all__ = ["HasShape", "PlanItem", "Plan", "plan_pairs", "plan_extract", "plan_apply"]
+
+
+class HasShape(Protocol):
+    """What a plan needs of a tensor description: its shape."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
+@dataclass(frozen=True)
+class PlanItem:
+    """One output tensor: ``control`` combined with ``base`` when ``base_key`` is set,
+    else the control tensor as it is (cast to the output dtype)."""
+
+    key: str
+    control_key: str
+    base_key: str | None
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Plan:
+    """Every output tensor of a job, in output order.
+
+    ``op`` says how a paired tensor is combined with the base: ``sub`` (extract:
+    control - base) or ``add`` (apply: difference + base). ``kind`` is what the output is
+    (``difference``, ``standalone``); ``marker`` the key that marks the file (the scalar
+    ``difference`` = 1 of a difference model), if any. ``dropped`` lists keys left out.
+    """
+
+    items: list[PlanItem]
+    op: str
+    kind: str
+    marker: str | None = None
+    dropped: list[str] = field(default_factory=list)
+
+    @property
+    def paired(self) -> int:
+        """Tensors combined with the base."""
+        return sum(1 for i in self.items if i.base_key is not None)
+
+    @property
+    def copied(self) -> int:
+        """Tensors stored as they are."""
+        return len(self.items) - self.paired
+
+    @property
+    def keys_written(self) -> int:
+        return len(self.items) + (self.marker is not None)
+
+    def without(self, keys: set[str]) -> Plan:
+        """The plan with ``keys`` left out (recorded in ``dropped``)."""
+        kept = [i for i in self.items if i.key not in keys]
+        gone = [i.key for i in self.items if i.key in keys]
+        return Plan(kept, self.op, self.kind, self.marker, self.dropped + gone)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Plan {self.kind}: {len(self.items)} tensors, {self.paired} {self.op} base, "
+            f"{self.copied} copied>"
+        )
+
+
+def plan_pairs(
+    control: Mapping[str, HasShape],
+    base: Mapping[str, HasShape],
+    *,
+    base_prefix: str,
+    control_name: str = "control",
+    base_name: str = "base",
+) -> list[PlanItem]:
+    """For every ``control_model.*`` tensor, its base counterpart (or None).
+
+    Raises :class:`CheckpointError` when ``control`` has no ``control_model.*`` keys and
+    :class:`IncompatibleBaseError` when the base does not look like the UNet the control
+    model was built on (a mirrored key without base tensor, or a shape mismatch).
+    """
+    items: list[PlanItem] = []
+    missing: list[str] = []
+    mismatched: list[str] = []
+    mirrored = 0
+    for ck, info in control.items():
+        if not ck.startswith(CONTROL_PREFIX):
+            continue
+        name = ck[len(CONTROL_PREFIX) :]
+        bk = base_prefix + name
+        is_mirrored = name.startswith(MIRRORED)
+        mirrored += is_mirrored
+        b = base.get(bk)
+        if b is not None:
+            if b.shape != info.shape:
+                mismatched.append(f"{name} {list(info.shape)} vs {list(b.shape)}")
+            items.append(PlanItem(ck, ck, bk, info.shape))
+        else:
+            if is_mirrored:
+                missing.append(name)
+            items.append(PlanItem(ck, ck, None, info.shape))
+    if not items:
+        raise CheckpointError(
+            f"{control_name} has no {CONTROL_PREFIX}* keys: it is not a ControlNet checkpoint"
+        )
+    if missing or mismatched:
+        matched = mirrored - len(missing) - len(mismatched)
+        detail = (
+            f"{len(missing)} have no {base_prefix or 'UNet '}* tensor (e.g. {escape(missing[0])})"
+            if missing
+            else f"{len(mismatched)} differ in shape (e.g. {escape(mismatched[0])})"
+        )
+        raise IncompatibleBaseError(
+            f"{base_name} does not match the UNet {control_name} was built on: only {matched} "
+            f"of {mirrored} UNet keys match; {detail}. Use the SD base the ControlNet was "
+            "trained from (SD1.5 for control_sd15_*), or --base self"
+        )
+    return items
+
+
+def _pairs(inputs: Inputs) -> list[PlanItem]:
+    assert inputs.base is not None
+    return plan_pairs(
+        inputs.control.tensors,
+        inputs.base.tensors,
+        base_prefix=inputs.base_prefix,
+        control_name=escape(inputs.control.path.name),
+        base_name=inputs.base_name,
+    )
+
+
+def plan_extract(inputs: Inputs) -> Plan:
+    """A difference model: ``control - base`` for every paired tensor, the ControlNet's
+    own tensors as they are, and the ``difference`` marker."""
+    return Plan(_pairs(inputs), "sub", "difference", DIFFERENCE_KEY)
+
+
+def plan_apply(inputs: Inputs) -> Plan:
+    """A standalone ControlNet from a difference model: ``diff + base`` for every paired
+    tensor, the rest as it is, no marker (the diff's own marker is not a tensor to keep)."""
+    items = [i for i in _pairs(inputs) if i.key != DIFFERENCE_KEY]
+    return Plan(items, "add", "standalone", None)

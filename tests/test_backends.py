@@ -1,0 +1,246 @@
+"""The compute backends: numpy and torch give the bytes torch's own arithmetic gives.
+
+The oracle is torch itself, applied the way the reference script does it:
+``(c.to(P) - b.to(P)).to(out)`` with ``P`` = torch's type promotion of the two inputs
+and float32 (float64 when either is float64), and float64 results rounded through float32
+(what torch's ``.to()`` does). Every dtype pair the readers accept, both backends, both
+operations, every output dtype; then whole commands through both backends, byte for byte.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import cndiff
+from cndiff import synthetic
+from cndiff.backends import Raw, select_backend
+from cndiff.backends.numpy_backend import NumpyBackend, cast_from_float32, float8_table
+from cndiff.backends.torch_backend import TorchBackend
+from cndiff.dtypes import BF16, F8_E4M3, F8_E5M2, F16, F32, by_name
+
+INPUT_DTYPES = ["float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
+                "uint8", "bool", "float8_e4m3fn", "float8_e5m2"]  # fmt: skip
+OUT_DTYPES = ["float16", "bfloat16", "float32"]
+BACKENDS = {"numpy": NumpyBackend(), "torch": TorchBackend("cpu")}
+
+
+def _all_patterns(step: int) -> np.ndarray:
+    """Every ``step``-th float32 bit pattern, plus every special neighbourhood."""
+    u = np.arange(0, 1 << 32, step, dtype=np.uint64).astype(np.uint32)
+    specials = []
+    for centre in [0, 0x33000000, 0x387FE000, 0x38800000, 0x477FE000, 0x477FF000, 0x47800000,
+                   0x7F800000, 0x7FC00000, 0x3F800000, 0x7F7F8000]:  # fmt: skip
+        specials.append(np.arange(centre - 4096, centre + 4096, dtype=np.int64))
+    sp = np.concatenate(specials) % (1 << 32)
+    sp = np.concatenate([sp, sp | (1 << 31)]).astype(np.uint32)
+    return np.concatenate([u, sp])
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_float32_casts_match_torch_bit_for_bit(dtype):
+    u = _all_patterns(251)
+    x = u.view(np.float32)
+    out = np.empty(x.size, dtype=dtype.numpy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cast_from_float32(x, dtype, out, np.empty(x.size, np.uint32), np.empty(x.size, np.uint32))
+    ref = torch.from_numpy(x).to(dtype.to_torch()).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(out.view(np.uint16), ref)  # NaN payloads included
+
+
+@pytest.mark.parametrize("dtype", [F8_E4M3, F8_E5M2])
+def test_float8_table_matches_torch(dtype):
+    ref = torch.arange(256, dtype=torch.uint8).view(dtype.to_torch()).float().numpy()
+    assert np.array_equal(float8_table(dtype).view(np.uint32), ref.view(np.uint32))
+
+
+def _values(dtype: str, n: int, seed: int) -> torch.Tensor:
+    """Values of every kind for ``dtype``: normal, tiny, huge, zeros, NaN, inf."""
+    g = torch.Generator().manual_seed(seed)
+    t = by_name(dtype).to_torch()
+    if t == torch.bool:
+        return torch.rand(n, generator=g) > 0.5
+    if not t.is_floating_point:
+        info = torch.iinfo(t)
+        return torch.randint(info.min, info.max, (n,), generator=g, dtype=torch.int64).to(t)
+    x = torch.randn(n, generator=g, dtype=torch.float64) * 0.05
+    x[: n // 8] *= 1e-6  # near subnormal in fp16
+    x[n // 8 : n // 4] *= 1e6  # overflow in fp16
+    x[n // 4 : n // 4 + 4] = torch.tensor([0.0, -0.0, float("inf"), -float("inf")])
+    x[n // 4 + 4 : n // 4 + 6] = float("nan")
+    return x.to(t)
+
+
+def _raw(t: torch.Tensor) -> Raw:
+    dt = by_name(str(t.dtype))
+    arr = t.view(torch.uint8).numpy().view(dt.numpy) if dt.raw else t.numpy()
+    return Raw(arr, dt)
+
+
+def _elements(a: np.ndarray, dt) -> np.ndarray:
+    """The raw bits of each element (uint16/uint32), whatever the array's dtype."""
+    return np.ascontiguousarray(a).view(np.uint8).view({2: np.uint16, 4: np.uint32}[dt.itemsize])
+
+
+def _oracle(op: str, c: torch.Tensor, b: torch.Tensor | None, out: str) -> np.ndarray:
+    odt = by_name(out).to_torch()
+    if b is None:
+        r = c if c.dtype == odt else c.to(torch.float64 if c.dtype == torch.float64 else
+                                          torch.float32)  # fmt: skip
+    else:
+        # torch promotes no float8: those go through float32, the floor anyway
+        c, b = (x.float() if x.element_size() == 1 and x.is_floating_point() else x
+                for x in (c, b))  # fmt: skip
+        p = torch.promote_types(torch.promote_types(c.dtype, b.dtype), torch.float32)
+        r = c.to(p) - b.to(p) if op == "sub" else c.to(p) + b.to(p)
+    if r.dtype == torch.float64:
+        r = r.to(torch.float32)
+    return r.to(odt).view(torch.uint8).numpy()
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("out", OUT_DTYPES)
+@pytest.mark.parametrize("op", ["sub", "add"])
+def test_every_dtype_pair_like_torch(backend, out, op):
+    be = BACKENDS[backend]
+    odt = by_name(out)
+    n = 256
+    for i, (cd, bd) in enumerate(itertools.product(INPUT_DTYPES, INPUT_DTYPES)):
+        c, b = _values(cd, n, i), _values(bd, n, 1000 + i)
+        buf = np.empty(n, odt.numpy)
+        with np.errstate(all="ignore"):
+            m = be.combine(op, _raw(c), _raw(b), buf, odt)
+        got, want = _elements(buf, odt), _elements(_oracle(op, c, b, out), odt)
+        # where both inputs are NaN, which payload survives is the hardware's choice
+        both = (c.float().isnan() & b.float().isnan()).numpy()
+        assert np.array_equal(got[~both], want[~both]), (cd, bd)
+        vals = (got.astype(np.uint32) << 16).view(np.float32) if odt is BF16 else buf
+        assert np.all(np.isnan(vals[both].astype(np.float32)))
+        assert np.isnan(m) or m >= 0
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("out", OUT_DTYPES)
+def test_copies_like_torch(backend, out):
+    be = BACKENDS[backend]
+    odt = by_name(out)
+    for i, cd in enumerate(INPUT_DTYPES):
+        c = _values(cd, 300, i)
+        buf = np.empty(300, odt.numpy)
+        be.combine(None, _raw(c), None, buf, odt)
+        assert np.array_equal(buf.view(np.uint8), _oracle("copy", c, None, out)), cd
+
+
+def test_max_abs_reports_nan_and_inf():
+    be = NumpyBackend()
+    x = np.array([1.0, -3.0, 2.0], np.float32)
+    buf = np.empty(3, np.float16)
+    assert be.combine("sub", Raw(x, F32), Raw(np.zeros(3, np.float32), F32), buf, F16) == 3.0
+    x[1] = np.inf
+    assert be.combine(None, Raw(x, F32), None, buf, F16) == np.inf
+    x[0] = np.nan
+    for be in BACKENDS.values():
+        assert np.isnan(be.combine(None, Raw(x, F32), None, buf, F16))
+
+
+def test_select_backend():
+    assert isinstance(select_backend("cpu", "auto"), NumpyBackend)
+    assert isinstance(select_backend("cpu", "torch"), TorchBackend)
+    if not torch.cuda.is_available():
+        assert isinstance(select_backend("auto", "auto"), NumpyBackend)
+        with pytest.raises(cndiff.CndiffError, match="no CUDA GPU"):
+            select_backend("cuda", "auto")
+
+
+# -- whole commands through both backends ----------------------------------------------------
+
+
+def _both(fn, tmp_path, name):
+    """Run ``fn(out, backend)`` with each backend; return both outputs' bytes."""
+    outs = []
+    for backend in ("numpy", "torch"):
+        out = tmp_path / f"{backend}_{name}"
+        r = fn(out, backend)
+        assert r.backend == backend
+        outs.append(r.output.read_bytes())
+    return outs
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("check_base", [True, False])
+def test_extract_same_bytes_on_both_backends(sd15_pair, tmp_path, dtype, check_base):
+    control, base = sd15_pair
+    a, b = _both(lambda o, be: cndiff.extract(control, base, o, dtype=dtype, backend=be,
+                                              check_base=check_base), tmp_path, "x.safetensors")
+    assert a == b
+
+
+@pytest.mark.parametrize("kw", [dict(base_dtype=torch.float16, base_fmt="safetensors"),
+                                dict(control_dtype=torch.float16, control_fmt="safetensors"),
+                                dict(base_dtype=torch.bfloat16, base_fmt="safetensors")],
+                         ids=["fp16 base", "fp16 control", "bf16 base"])  # fmt: skip
+def test_mixed_input_dtypes_same_bytes(pair_factory, tmp_path, kw):
+    control, base = pair_factory(**kw)
+    for dtype in ("fp16", "bf16"):
+        a, b = _both(lambda o, be, dt=dtype: cndiff.extract(control, base, o, dtype=dt,
+                                                            backend=be),
+                     tmp_path, f"{dtype}.safetensors")  # fmt: skip
+        assert a == b
+
+
+def _float64_pair(tmp_path, control_wide: bool, other: torch.dtype):
+    """A tiny pair where one side is float64 and the other ``other``."""
+    arch = synthetic.tiny()
+    c = synthetic.control_state_dict(arch)
+    b = synthetic.base_state_dict(arch)
+    c = {k: v.to(torch.float64 if control_wide else other) if v.is_floating_point() else v
+         for k, v in c.items() if k.startswith("control_model.")}  # fmt: skip
+    b = {k: v.to(other if control_wide else torch.float64) if v.is_floating_point() else v
+         for k, v in b.items() if k.startswith("model.diffusion_model.")}  # fmt: skip
+    cp, bp = tmp_path / "c64.safetensors", tmp_path / "b64.safetensors"
+    save_file(c, str(cp))
+    save_file(b, str(bp))
+    return cp, bp
+
+
+@pytest.mark.parametrize("control_wide", [True, False], ids=["f64 control", "f64 base"])
+@pytest.mark.parametrize("other", [torch.bfloat16, torch.float16, torch.float32])
+def test_float64_against_narrow_inputs(tmp_path, control_wide, other):
+    cp, bp = _float64_pair(tmp_path, control_wide, other)
+    a, b = _both(lambda o, be: cndiff.extract(cp, bp, o, dtype="fp16", backend=be), tmp_path,
+                 "x.safetensors")  # fmt: skip
+    assert a == b
+    got = load_file(str(tmp_path / "numpy_x.safetensors"))
+    c, base = load_file(str(cp)), load_file(str(bp))
+    for k, v in c.items():
+        bk = "model.diffusion_model." + k[len("control_model.") :]
+        want = (v.double() - base[bk].double()).float().half() if bk in base else v.float().half()
+        assert torch.equal(got[k].view(torch.int16), want.view(torch.int16)), k
+
+
+def test_drop_unchanged_base_self_batch_apply_same_bytes(tmp_path):
+    arch = synthetic.tiny()
+    folder = tmp_path / "m"
+    base = synthetic.make_base(folder / "base.ckpt", arch)
+    controls = [synthetic.make_control(folder / f"control_{i}.pth", arch, seed=i, base_seed=0)
+                for i in range(3)]  # fmt: skip
+    for kw in (dict(drop_unchanged=True), dict(check_base=False)):
+        outs = {}
+        for be in ("numpy", "torch"):
+            res = cndiff.extract_many(controls, base, tmp_path / be / "batch", backend=be, **kw,
+                                      overwrite=True)  # fmt: skip
+            outs[be] = [r.output.read_bytes() for r in res]
+        assert outs["numpy"] == outs["torch"]
+    a, b = _both(lambda o, be: cndiff.extract(controls[0], "self", o, backend=be), tmp_path,
+                 "self.safetensors")  # fmt: skip
+    assert a == b
+    diff = cndiff.extract(controls[0], base, tmp_path / "d.safetensors")
+    a, b = _both(lambda o, be: cndiff.apply_diff(diff.output, base, o, backend=be), tmp_path,
+                 "applied.safetensors")  # fmt: skip
+    assert a == b
