@@ -476,11 +476,12 @@ def prepare_data(args: argparse.Namespace) -> tuple[Path, Path, Optional[Path]]:
 def needed_bytes(control: Path, base: Path) -> dict[str, int]:
     """Bytes of the tensors the job must read, from cndiff's own plan."""
     from cndiff import open_checkpoint
-    from cndiff.keys import plan_diff
+    from cndiff.inputs.sources import unet_prefix
+    from cndiff.plan import plan_pairs
 
     ctl, bse = open_checkpoint(control), open_checkpoint(base)
     try:
-        plan = plan_diff(ctl.tensors, bse.tensors)
+        plan = plan_pairs(ctl.tensors, bse.tensors, base_prefix=unet_prefix(bse.tensors))
         c = sum(ctl.tensors[i.control_key].nbytes for i in plan)
         sub = [i for i in plan if i.base_key is not None]
         b = sum(bse.tensors[i.base_key].nbytes for i in sub)
@@ -787,7 +788,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "python -c pass": "pass",
             "import numpy": "import numpy",
             "import torch": "import torch",
-            "import cndiff.api": "import cndiff.api",
+            "import cndiff": "import cndiff",
         }
         if any_cuda:
             cmds["import torch; torch.cuda.init()"] = "import torch; torch.cuda.init()"
@@ -1010,8 +1011,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     )
         if startup:
             report.append(
-                f"  (start-up alone: python + import cndiff.api "
-                f"{statistics.median(startup['import cndiff.api']):.2f} s)"
+                f"  (start-up alone: python + import cndiff "
+                f"{statistics.median(startup['import cndiff']):.2f} s)"
             )
 
     print("\n".join(report))

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Set up .venv if needed, then run cndiff. With no arguments: the built-in demo
-# (a synthetic ControlNet/SD1.5 pair written to ./cndiff-demo, then extracted).
+# Run cndiff from this checkout, in the folder you call it from: ./scripts/run.sh ARGS is
+# `cndiff ARGS`. The first call sets up .venv (cndiff, numpy, safetensors, tqdm; no torch).
+# With no arguments: the built-in demo (a synthetic ControlNet/SD1.5 pair written to
+# ./cndiff-demo, then extracted).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+bash "$repo/scripts/setup.sh" run
 if [ $# -eq 0 ]; then
     set -- demo
 fi
-exec .venv/bin/python -m cndiff "$@"
+exec "$repo/.venv/bin/python" -m cndiff "$@"

@@ -1,18 +1,32 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install cndiff into it, editable, with the test tools.
-# Torch is pinned to 2.13.0 unless TORCH_SPEC says otherwise (e.g. TORCH_SPEC=torch for
-# the newest release, or a CUDA build you already use).
+# Create .venv (once) and install cndiff into it, editable.
+#   setup.sh run   cndiff and what it needs (numpy, safetensors, tqdm): no torch
+#   setup.sh test  also torch (pinned to 2.13.0 unless TORCH_SPEC says otherwise, e.g.
+#                  TORCH_SPEC=torch for the newest release) and the test tools
+# A stamp file per kind makes a second call cost nothing unless pyproject.toml changed.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+kind=${1:-run}
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv="$repo/.venv"
+stamp="$venv/.cndiff-$kind"
+if [ -f "$stamp" ] && [ "$stamp" -nt "$repo/pyproject.toml" ] && [ -x "$venv/bin/python" ]; then
+    exit 0
+fi
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-    "$PY" -m venv .venv
+if [ ! -x "$venv/bin/python" ]; then
+    "$PY" -m venv "$venv"
 fi
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-fi
-if ! .venv/bin/python -c "import cndiff, pytest, hypothesis" 2>/dev/null \
-    || [ pyproject.toml -nt .venv/.cndiff-installed ]; then
-    .venv/bin/python -m pip install -q -e ".[test]"
-    touch .venv/.cndiff-installed
-fi
+pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+case "$kind" in
+    run)
+        "${pip[@]}" -e "$repo" ;;
+    test)
+        if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+            "${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}"
+        fi
+        "${pip[@]}" -e "$repo[test]" ;;
+    *)
+        echo "usage: setup.sh [run|test]" >&2; exit 2 ;;
+esac
+touch "$stamp"
+if [ "$kind" = test ]; then touch "$venv/.cndiff-run"; fi  # (a test set-up has all run needs)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Set up .venv if needed, lint, and run the test suite (CUDA tests skip without a GPU).
+# Set up .venv with the test tools (torch included), lint, and run the test suite
+# (CUDA tests skip without a GPU). Extra arguments go to pytest.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+bash "$repo/scripts/setup.sh" test
+cd "$repo"
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"

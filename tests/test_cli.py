@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from cndiff import synthetic
 from cndiff.cli import main
+from cndiff.errors import OutputError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -217,3 +218,55 @@ def test_output_name_that_is_a_folder(sd15_pair, tmp_path, capsys):
     rc = main(["extract", str(control), str(base), "-o", str(tmp_path), "--overwrite", "-q"])
     assert rc == 1
     assert "is a folder" in capsys.readouterr().err
+
+
+# -- the scripts: run.sh in the user's folder; the drop-in's atomic torch output ----------------
+
+
+def test_run_sh_works_from_another_folder(sd15_pair, tmp_path):
+    """run.sh acts on the files where it is called (it used to change to the repo root)."""
+    if not (REPO / ".venv" / ".cndiff-run").exists():
+        pytest.skip("no set-up .venv in this checkout")
+    control, base = sd15_pair
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "c.pth").write_bytes(control.read_bytes())
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "run.sh"), "extract", "m/c.pth",
+                           str(base), "-q"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "m" / "diff_c_fp16.safetensors").exists()
+
+
+def test_drop_in_torch_output_is_atomic(sd15_pair, tmp_path, monkeypatch):
+    import cndiff.writer
+    from cndiff.commands.compat import extract_like_original
+    from cndiff.writer import temp_files_for, temp_path
+
+    control, base = sd15_pair
+    dst = tmp_path / "d.pth"
+    # its temporary files are the ones a later run's clean-up recognizes
+    inter = temp_path(dst)
+    nested = temp_path(inter)
+    assert {inter, nested} <= set([*temp_files_for(dst), inter, nested])
+    inter.write_bytes(b"x")
+    nested.write_bytes(b"y")
+    assert set(temp_files_for(dst)) == {inter, nested}
+    inter.unlink()
+    nested.unlink()
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(cndiff.writer.os, "fsync", lambda fd: (synced.append(fd),
+                                                               real_fsync(fd))[1])  # fmt: skip
+    extract_like_original(control, base, dst, dtype="fp16")
+    assert len(synced) >= 2  # the intermediate safetensors and the torch file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.pth"]
+    obj = torch.load(str(dst), weights_only=True)
+    assert_bit_equal(obj["state_dict"], naive_diff(control, base, "fp16"))
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OutputError, match="no space left"):
+        extract_like_original(control, base, tmp_path / "e.pth", dtype="fp16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.pth"]

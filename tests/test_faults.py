@@ -272,6 +272,30 @@ def test_interrupted_run_leaves_nothing(slow_pair, tmp_path, sig, rc):
     assert names(tmp_path) == set()
 
 
+@pytest.mark.parametrize("delay", [0.15, 0.35, 0.6, 0.9])
+def test_signals_at_any_moment_stop_promptly(slow_pair, tmp_path, delay):
+    """A signal raises in the main thread at any bytecode: it must never leave a lock held
+    (a worker pool's shutdown used to deadlock on one) nor a file behind."""
+    control, base = slow_pair
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc = cli_process(
+            "extract", str(control), str(base), "-o", str(tmp_path), "-q", "--device", "cpu",
+            *SLOW,
+        )
+        time.sleep(delay)
+        proc.send_signal(sig)
+        try:
+            proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"still running 20 s after signal {sig} at {delay} s")
+        # (before the handlers are installed, at start-up, the signal's default action)
+        assert proc.returncode in (0, 128 + sig, 130, -sig)
+        assert temps(tmp_path) == []
+        for p in tmp_path.iterdir():
+            p.unlink()
+
+
 def test_killed_run_is_cleaned_up_by_the_next(slow_pair, tmp_path, slow_reference):
     from cndiff import find_controls
     from cndiff.targets import existing_job

@@ -9,11 +9,12 @@ parse, 130 for Ctrl-C, 143 for SIGTERM.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from . import __version__
@@ -212,12 +213,20 @@ def _options(args: argparse.Namespace):
     return Options(**kw)
 
 
-def _setup_logging(quiet: bool) -> None:
+@contextlib.contextmanager
+def _logging(quiet: bool) -> Iterator[None]:
+    """cndiff's log lines on stderr, whole, for the length of one command (then the
+    logger is as it was: main() may be called from a notebook or a test)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = log.handlers[:], log.level, log.propagate
     log.handlers[:] = [handler]
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
+    try:
+        yield
+    finally:
+        log.handlers[:], log.level, log.propagate = saved
 
 
 def _print_results(results: Sequence, as_json: bool, table: bool) -> int:
@@ -339,14 +348,17 @@ _COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a command line that does not parse
+        return exc.code if isinstance(exc.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2
-    _setup_logging(args.quiet)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return _COMMANDS[args.command](args)
+        with _logging(args.quiet):
+            return _COMMANDS[args.command](args)
     except CndiffError as exc:
         print(f"cndiff: error: {escape(str(exc), 4000)}", file=sys.stderr)
         return 1

@@ -13,10 +13,10 @@ here: kernels call a :mod:`cndiff.backends` backend.
 
 from __future__ import annotations
 
-import logging
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +28,7 @@ from .inputs import Checkpoint
 from .plan import PlanItem
 from .text import escape
 
-__all__ = ["Stream", "ChunkIn", "run_streams"]
-
-log = logging.getLogger("cndiff")
-
+__all__ = ["Stream", "ChunkIn", "run_streams", "parallel_map"]
 
 @dataclass
 class ChunkIn:
@@ -194,6 +191,47 @@ def _compute(slot: _Slot, task: _Task) -> _Slot:
     return slot
 
 
+class _Pool:
+    """Worker threads fed through C-level queues.
+
+    The calling thread only puts tasks and takes results (``queue.SimpleQueue``: no
+    Python-level lock), so Ctrl-C or SIGTERM, which raise in that thread at any bytecode,
+    can never leave a lock held and deadlock the shutdown (``concurrent.futures`` can).
+    """
+
+    def __init__(self, workers: int, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.done: queue.SimpleQueue = queue.SimpleQueue()
+        self.threads = [threading.Thread(target=self._work, name=f"cndiff-{i}", daemon=True)
+                        for i in range(workers)]  # fmt: skip
+        for t in self.threads:
+            t.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self.tasks.get()
+            if job is None:
+                return
+            seq, args = job
+            try:
+                self.done.put((seq, self.fn(*args), None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+                self.done.put((seq, None, exc))
+
+    def close(self) -> None:
+        """Drop the tasks not started, stop the threads, wait for the running ones."""
+        while True:
+            try:
+                self.tasks.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self.threads:
+            self.tasks.put(None)
+        for t in self.threads:
+            t.join()
+
+
 def run_streams(
     streams: Sequence[Stream],
     backend: Backend,
@@ -209,12 +247,13 @@ def run_streams(
     ``on_progress`` is called with the control bytes done after each chunk (progress bars).
     With ``isolate=True`` an error in one stream (its files, its kernel, its sink: any
     ``Exception``) is stored in ``stream.error`` and the other streams go on; otherwise it
-    is raised. ``KeyboardInterrupt`` and ``SystemExit`` always stop everything.
+    is raised. ``KeyboardInterrupt`` and ``SystemExit`` always stop everything, promptly.
     """
     nslots = workers * 2
     free: list[_Slot] = []
     made = 0
-    pending: deque[tuple[_Task, Future[_Slot], _Slot]] = deque()
+    pending: deque[tuple[int, _Task]] = deque()
+    arrived: dict[int, tuple[Any, BaseException | None]] = {}
 
     def fail(s: Stream, exc: BaseException) -> None:
         if not isolate:
@@ -241,8 +280,16 @@ def run_streams(
             if on_progress is not None:
                 on_progress(task.count * s.control.info(item.control_key).itemsize)
 
-    def finish(task: _Task, fut: Future[_Slot], slot: _Slot) -> None:
-        fut.result()
+    def finish() -> None:
+        """Wait for the oldest task in flight and deliver it."""
+        seq, task = pending[0]
+        while seq not in arrived:
+            got, done, exc = pool.done.get()
+            arrived[got] = (done, exc)
+        pending.popleft()
+        slot, exc = arrived.pop(seq)
+        if exc is not None:
+            raise exc
         try:
             deliver(task, slot.results, slot.chunks)
         finally:
@@ -250,33 +297,46 @@ def run_streams(
             slot.chunks = []
             free.append(slot)
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cndiff") as pool:
-        try:
-            for task in _tasks(streams, chunk):
-                if not free:
-                    if made < nslots:
-                        free.append(_Slot(backend, chunk))
-                        made += 1
-                    else:
-                        finish(*pending.popleft())
-                slot = free.pop()
-                if task.count == 0:
-                    # an empty tensor: nothing to read; keep the order with what is in flight
-                    while pending:
-                        finish(*pending.popleft())
-                    _compute(slot, task)
-                    finish(task, _done_future(slot), slot)
-                    continue
-                pending.append((task, pool.submit(_compute, slot, task), slot))
-            while pending:
-                finish(*pending.popleft())
-        except BaseException:
-            for _, fut, _ in pending:
-                fut.cancel()
-            raise
+    pool = _Pool(workers, _compute)
+    try:
+        for seq, task in enumerate(_tasks(streams, chunk)):
+            if not free:
+                if made < nslots:
+                    free.append(_Slot(backend, chunk))
+                    made += 1
+                else:
+                    finish()
+            slot = free.pop()
+            pending.append((seq, task))
+            if task.count == 0:
+                # an empty tensor: nothing to read; computed here, in order
+                arrived[seq] = (_compute(slot, task), None)
+            else:
+                pool.tasks.put((seq, (slot, task)))
+        while pending:
+            finish()
+    finally:
+        pool.close()
 
 
-def _done_future(slot: _Slot) -> Future[_Slot]:
-    fut: Future[_Slot] = Future()
-    fut.set_result(slot)
-    return fut
+def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> Iterator[Any]:
+    """``fn(item)`` for every item on ``workers`` threads, yielded in order (at most
+    ``2 x workers`` in flight); an exception is raised when its item's turn comes. Safe to
+    interrupt like :func:`run_streams`."""
+    pool = _Pool(workers, fn)
+    try:
+        arrived: dict[int, tuple[Any, BaseException | None]] = {}
+        sent = 0
+        for i in range(len(items)):
+            while sent < len(items) and sent < i + 2 * workers:
+                pool.tasks.put((sent, (items[sent],)))
+                sent += 1
+            while i not in arrived:
+                got, res, exc = pool.done.get()
+                arrived[got] = (res, exc)
+            res, exc = arrived.pop(i)
+            if exc is not None:
+                raise exc
+            yield res
+    finally:
+        pool.close()

@@ -46,6 +46,7 @@ __all__ = [
     "temp_path",
     "remove_stale_temp_files",
     "check_writable_name",
+    "output_error",
     "MAX_HEADER_BYTES",
 ]
 
@@ -231,7 +232,8 @@ def remove_stale_temp_files(target: Path) -> list[Path]:
     return removed
 
 
-def _os_error(exc: OSError, target: Path) -> OutputError:
+def output_error(exc: OSError, target: Path) -> OutputError:
+    """The one-line :class:`OutputError` for an ``OSError`` writing ``target``."""
     where = escape_path(target.parent)
     if exc.errno == errno.ENOSPC:
         return OutputError(f"no space left on the disk of {where}: free some and run again")
@@ -256,7 +258,7 @@ def refuse_special(target: Path) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise _os_error(exc, target) from None
+        raise output_error(exc, target) from None
     if stat.S_ISDIR(st.st_mode):
         raise OutputError(f"output {escape_path(target)} is a folder; name a file, or pass the "
                           "folder as -o")  # fmt: skip
@@ -305,7 +307,7 @@ class AtomicFile:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as exc:
             self.path = None
-            raise _os_error(exc, t) from None
+            raise output_error(exc, t) from None
         with contextlib.suppress(OSError):  # not every filesystem locks; then pids decide
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
@@ -320,7 +322,7 @@ class AtomicFile:
                 view = view[n:]
                 self.written += n
         except OSError as exc:
-            err = _os_error(exc, self.target)
+            err = output_error(exc, self.target)
             self.abort()
             raise err from None
         self._start_writeback()
@@ -350,7 +352,7 @@ class AtomicFile:
             self.path = None
             _fsync_dir(self.target.parent)
         except OSError as exc:
-            err = _os_error(exc, self.target)
+            err = output_error(exc, self.target)
             self.abort()
             raise err from None
         except BaseException:

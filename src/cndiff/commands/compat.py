@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ..optional import require_torch
-from ..writer import AtomicFile, temp_path
+from ..writer import AtomicFile, output_error, temp_path
 from .extract import extract
 
 __all__ = ["extract_like_original"]
@@ -43,7 +43,10 @@ def extract_like_original(
         state = load_file(str(inter))
         with AtomicFile(dst, overwrite=True) as out:
             assert out.path is not None
-            torch.save({"state_dict": state}, str(out.path))
+            try:
+                torch.save({"state_dict": state}, str(out.path))
+            except OSError as exc:
+                raise output_error(exc, dst) from None
             out.commit()
     finally:
         with contextlib.suppress(OSError):

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..backends import Backend, Raw
 from ..dtypes import F32, DType
+from ..engine import parallel_map
 from ..errors import CheckpointError
 from ..fingerprint import BaseMatchStats, classify_base
 from ..inputs import Checkpoint
@@ -111,16 +112,15 @@ def _clamp(up: np.ndarray, down: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _factorize(
     entry: LoraEntry, inputs: Inputs, options: Options, backend: Backend, method: str,
-    match: BaseMatchStats | None,
-) -> tuple[LoraEntry, tuple[np.ndarray, np.ndarray] | None, LoraLayer]:
+    compare: bool,
+) -> tuple[LoraEntry, tuple[np.ndarray, np.ndarray] | None, LoraLayer, tuple | None]:
     """One mirrored Linear/Conv2d weight: its final entry (kind and rank decided), the
-    stored factors (None when stored in full) and the layer's figures."""
+    stored factors (None when stored in full), the layer's figures and its base check."""
     assert entry.base_key is not None and inputs.base is not None
     ctl, dt = inputs.control, options.out_dtype
     c = _read(ctl, entry.control_key, backend)
     b = _read(inputs.base, entry.base_key, backend)
-    if match is not None:
-        _compare(entry, inputs, backend, match)
+    match = _compare(entry, inputs, backend) if compare else None
     m, n = matrix_dims(entry.shape)
     d = np.empty(c.size, np.float32)
     mx = backend.combine("sub", Raw(c.reshape(-1), F32), Raw(b.reshape(-1), F32), d, F32)
@@ -145,7 +145,7 @@ def _factorize(
         err = _norm(back - c)
         layer = LoraLayer(entry.control_key, entry.shape, "weight", r, 0.0,
                           err / w_norm if w_norm else 0.0, 1.0, norm, w_norm)  # fmt: skip
-        return final, None, layer
+        return final, None, layer, match
     if dec is None:
         dec = backend.decompose(d, method, r)
     up, down, kept = dec.factors(r, "stability" if options.stability_compatible else "balanced")
@@ -167,19 +167,19 @@ def _factorize(
     layer = LoraLayer(entry.control_key, entry.shape, "lora", r, trunc / norm if norm else 0.0,
                       w_err / w_norm if w_norm else 0.0, min(energy, 1.0), norm,
                       w_norm)  # fmt: skip
-    return final, (up_o.reshape(up_shape), down_o.reshape(down_shape)), layer
+    return final, (up_o.reshape(up_shape), down_o.reshape(down_shape)), layer, match
 
 
-def _compare(entry: LoraEntry, inputs: Inputs, backend: Backend, match: BaseMatchStats) -> None:
-    """Add one tensor to the base check (base vs the control file's embedded UNet)."""
+def _compare(entry: LoraEntry, inputs: Inputs, backend: Backend) -> tuple | None:
+    """One tensor's base check (base vs the control file's embedded UNet)."""
     assert inputs.base is not None and entry.base_key is not None
     ekey = UNET_PREFIX + entry.control_key.split(".", 1)[1]
     info = inputs.control.tensors.get(ekey)
     if info is None or info.shape != entry.shape:
-        return
+        return None
     e = Raw(inputs.control.read(ekey).reshape(-1), info.dtype)
     b = Raw(inputs.base.read(entry.base_key).reshape(-1), inputs.base.info(entry.base_key).dtype)
-    match.add(backend.compare(e, b), True)
+    return backend.compare(e, b)
 
 
 def export_lora(
@@ -206,23 +206,35 @@ def export_lora(
     factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     layers: list[LoraLayer] = []
     t_svd = time.perf_counter()
-    todo = sum(1 for e in layout if e.kind != "copy")
-    with progress_bar(todo, escape(inputs.control.path.name), options.progress,
+    todo = [e for e in layout if e.kind != "copy"]
+
+    def work(e: LoraEntry):
+        if e.kind == "copy":  # (only its base check)
+            return e, None, None, _compare(e, inputs, backend) if e.base_key else None
+        return _factorize(e, inputs, options, backend, method, compare)
+
+    jobs = [e for e in layout if e.kind != "copy" or (compare and e.base_key is not None)]
+    done: dict[str, tuple] = {}
+    # layers are decomposed on ``workers`` threads (LAPACK releases the GIL), one D each
+    with progress_bar(len(todo), escape(inputs.control.path.name), options.progress,
                       unit="layer") as bar:  # fmt: skip
-        for e in layout:
-            if e.kind == "copy":
-                final.append(e)
-                if match is not None and e.base_key is not None:
-                    _compare(e, inputs, backend, match)
-                continue
-            fe, fac, layer = _factorize(e, inputs, options, backend, method, match)
-            final.append(fe)
-            layers.append(layer)
-            if fac is not None:
-                factors[fe.control_key] = fac
-            log.debug("%s: %s rank %d, difference error %.5f", escape(layer.key), layer.kind,
-                      layer.rank, layer.diff_error)  # fmt: skip
-            bar.update(1)
+        for e, res in zip(jobs, parallel_map(work, jobs, options.n_workers)):
+            done[e.control_key] = res
+            if match is not None and res[3] is not None:
+                match.add(res[3], True)
+            if e.kind != "copy":
+                bar.update(1)
+    for e in layout:
+        if e.kind == "copy":
+            final.append(e)
+            continue
+        fe, fac, layer, _ = done[e.control_key]
+        final.append(fe)
+        layers.append(layer)
+        if fac is not None:
+            factors[fe.control_key] = fac
+        log.debug("%s: %s rank %d, difference error %.5f", escape(layer.key), layer.kind,
+                  layer.rank, layer.diff_error)  # fmt: skip
     svd_seconds = time.perf_counter() - t_svd
     keys, params = layout_counts(final)
     summary = LoraSummary(layers, None if options.max_error is not None else options.lora_rank,
@@ -241,6 +253,22 @@ def export_lora(
                  ", ".join(f"{escape(x.key)} (rank {x.rank}) {x.diff_error:.4f}"
                            for x in worst))  # fmt: skip
     return result
+
+
+def _copy(w: SafetensorsWriter, ck: Checkpoint, key: str, dt: DType, backend: Backend,
+          chunk: int) -> bool:  # fmt: skip
+    """Write one tensor as it is (cast to ``dt``), ``chunk`` elements at a time; False when
+    it holds NaN or infinite values."""
+    info = ck.info(key)
+    raw = np.empty(min(chunk, max(info.numel, 1)), info.dtype.numpy)
+    out = np.empty(raw.size, dt.numpy)
+    finite = True
+    for start in range(0, info.numel, chunk):
+        n = min(chunk, info.numel - start)
+        ck.read_into(key, raw[:n], start)
+        finite &= math.isfinite(backend.combine(None, Raw(raw[:n], info.dtype), None, out[:n], dt))
+        w.write(out[:n])
+    return finite
 
 
 def _write(job: Job, final: list[LoraEntry], factors, options: Options, backend: Backend,
@@ -265,13 +293,8 @@ def _write(job: Job, final: list[LoraEntry], factors, options: Options, backend:
                 w.write(up)
                 w.write(down)
                 continue
-            info = inputs.control.info(e.control_key)
-            raw = inputs.control.read(e.control_key).reshape(-1)
-            stored = np.empty(raw.size, dt.numpy)
-            m = backend.combine(None, Raw(raw, info.dtype), None, stored, dt)
-            if not math.isfinite(m):
+            if not _copy(w, inputs.control, e.control_key, dt, backend, options.chunk_elems):
                 nonfinite.append(e.control_key)
-            w.write(stored)
         w.write(b"")
         inputs.check_unchanged()
         w.commit()

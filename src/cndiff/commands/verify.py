@@ -283,7 +283,7 @@ def _verify_difference(
                               f"{CONTROL_PREFIX}* tensors, found {names}")  # fmt: skip
     D = next(iter(floats))
     assert inputs.base is not None
-    report = VerifyReport(str(dk.path), str(inputs.control.path), str(inputs.base.path),
+    report = VerifyReport(str(dk.path), str(inputs.control.path), _base_name(inputs),
                           "difference", D.name)  # fmt: skip
     expected = {i.key for i in items}
     report.extra = sorted(k for k in dk.tensors if k != DIFFERENCE_KEY and k not in expected)
@@ -341,6 +341,11 @@ def _verify_difference(
     return report
 
 
+def _base_name(inputs: Inputs) -> str:
+    assert inputs.base is not None
+    return "self" if inputs.base_is_self else str(inputs.base.path)
+
+
 def _nanmax(a: float, b: float) -> float:
     return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
@@ -353,7 +358,7 @@ def _verify_lora(dk: Checkpoint, inputs: Inputs, items: list[PlanItem], opts: Op
     """Rebuild every ControlNet weight from a Control-LoRA as the loaders do; report
     relative errors (a lossy format: no pass bound, only structural failures)."""
     assert inputs.base is not None
-    report = VerifyReport(str(dk.path), str(inputs.control.path), str(inputs.base.path),
+    report = VerifyReport(str(dk.path), str(inputs.control.path), _base_name(inputs),
                           "control-lora", "")  # fmt: skip
     report.dtype = ",".join(sorted({t.dtype.name for k, t in dk.tensors.items()
                                     if k != LORA_MARKER}))  # fmt: skip
