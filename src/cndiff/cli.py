@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -372,6 +373,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into head & co.
         sys.stderr.close()
         return 141
+    except Exception as exc:  # a bug: still one line (CNDIFF_DEBUG=1 shows the traceback)
+        if os.environ.get("CNDIFF_DEBUG"):
+            raise
+        print(f"cndiff: internal error ({type(exc).__name__}: {escape(str(exc), 500)}); "
+              "please report it, with CNDIFF_DEBUG=1 for the details", file=sys.stderr)  # fmt: skip
+        return 1
 
 
 if __name__ == "__main__":

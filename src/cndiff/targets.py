@@ -72,9 +72,16 @@ def default_name(kind: str, source: Path, options: Options, base: Path | None = 
     raise ValueError(kind)
 
 
+def _is_dir(p: Path) -> bool:
+    try:
+        return p.is_dir()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL...
+        return False
+
+
 def _is_folder_spec(out: str | os.PathLike[str]) -> bool:
     text = os.fspath(out)
-    return text.endswith(("/", os.sep)) or Path(text).is_dir()
+    return text.endswith(("/", os.sep)) or _is_dir(Path(text))
 
 
 def output_path(
@@ -87,7 +94,7 @@ def output_path(
         return source.parent / name
     o = Path(out)
     if many or _is_folder_spec(out):
-        if o.exists() and not o.is_dir():
+        if os.path.lexists(o) and not _is_dir(o):
             raise OutputError(
                 f"-o {escape_path(o)} is a file; with several models -o must be a folder"
                 if many
@@ -99,7 +106,8 @@ def output_path(
             raise OutputError(f"cannot create the output folder {escape_path(o)} "
                               f"({exc.strerror}): choose another -o") from None  # fmt: skip
         return o / name
-    if not o.parent.exists():
+    check_writable_name(o)
+    if not _is_dir(o.parent):
         raise OutputError(
             f"folder {escape_path(o.parent)} does not exist; create it, end -o with a / to "
             "name a folder to create, or choose another -o"

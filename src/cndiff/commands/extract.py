@@ -191,7 +191,7 @@ def _run(
                     raise
                 results[i] = _failed(path, options, exc)
                 continue
-            except CndiffError as exc:
+            except Exception as exc:  # noqa: BLE001 - in a batch, one model's failure, any kind
                 if not isolate:
                     raise
                 results[i] = _failed(path, options, exc)
@@ -261,9 +261,12 @@ def find_controls(folder: PathLike) -> tuple[list[Path], list[ExtractResult]]:
             others.append(ExtractResult(source=p, output=None, kind="", dtype="",
                                         status="skipped", reason=str(exc)))  # fmt: skip
             continue
-        except CndiffError as exc:  # unreadable: a failure
+        except Exception as exc:  # noqa: BLE001 - unreadable (whatever broke): a failure
+            reason = str(exc) if isinstance(exc, CndiffError) else (
+                f"internal error reading it ({type(exc).__name__}: {escape(str(exc))})"
+            )  # fmt: skip
             others.append(ExtractResult(source=p, output=None, kind="", dtype="",
-                                        status="failed", reason=str(exc)))  # fmt: skip
+                                        status="failed", reason=reason))  # fmt: skip
             continue
         controls.append(p)
     return controls, others
