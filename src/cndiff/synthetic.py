@@ -1428,10 +1428,15 @@ def _write(
         raise
 
 
+_FMT_OF_SUFFIX = {".safetensors": "safetensors", ".pth": "pth", ".pt": "pt", ".ckpt": "ckpt",
+                  ".bin": "pth"}  # fmt: skip
+
+
 def _fmt_for(path: Path, fmt: Optional[str], default: str) -> str:
+    """``fmt``, else the format the path's suffix names, else ``default``."""
     if fmt is not None:
         return fmt
-    return "safetensors" if path.suffix == ".safetensors" else default
+    return _FMT_OF_SUFFIX.get(path.suffix.lower(), default)
 
 
 def make_control(
