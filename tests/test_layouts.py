@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import doctest
 import json
 import math
 import os
@@ -424,6 +425,10 @@ def test_infer_accepts_shape_objects():
         L.infer(shapes, "vae")  # type: ignore[arg-type]
 
 
+def test_docstring_examples():
+    assert doctest.testmod(L).failed == 0
+
+
 def test_layouts_needs_only_the_standard_library():
     tree = ast.parse(Path(L.__file__).read_text())
     imports = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
@@ -489,3 +494,20 @@ def test_ldm_controlnet_converts_to_a_diffusers_folder(diffusers_mod, tmp_path):
     sd = model.state_dict()
     assert set(sd) == set(renamed)
     assert all(torch.equal(sd[k], v) for k, v in renamed.items())
+
+
+def test_infer_is_bounded_on_hostile_keys():
+    """Indices far past the keys a file has, zero widths, bad shapes: a clear refusal."""
+    good = _file(SD1, "ldm", "controlnet", CONTROL_PREFIX)
+    for bad in (
+        {"control_model.input_blocks.1.1.transformer_blocks.999999999.norm1.weight": [320]},
+        {"control_model.input_blocks.99999999.0.op.weight": [320, 320, 3, 3]},
+        {"control_model.input_blocks.0.0.weight": [0, 4, 3, 3]},
+        {"control_model.input_blocks.0.0.weight": []},
+        {"control_model.input_hint_block.0.weight": [16]},
+    ):
+        with pytest.raises(L.LayoutError):
+            L.infer({**good, **bad})
+    dif = _file(SDXL, "diffusers", "unet", "")
+    with pytest.raises(L.LayoutError):
+        L.infer({**dif, "down_blocks.7777777.resnets.0.conv1.weight": [1, 1, 3, 3]})

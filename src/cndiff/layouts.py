@@ -603,6 +603,7 @@ def _diffusers_common(cfg: UNetConfig) -> dict[str, Any]:
     depths = [d or 1 for d in cfg.transformer_depth]
     if any(d != 1 for d in depths):
         out["transformer_layers_per_block"] = depths
+    out["projection_class_embeddings_input_dim"] = None
     if cfg.adm_in_channels:
         out.update(
             addition_embed_type="text_time",
@@ -793,15 +794,18 @@ _INDEX = re.compile(r"(\d+)")
 
 
 def _count(keys: Iterable[str], head: str) -> int:
-    """How many ``head<N>.`` indices exist (the largest N + 1, 0 if none)."""
-    best = -1
+    """How many ``head<N>.`` blocks there are: N must run over 0, 1, ... without gaps
+    (else :class:`LayoutError`), so a count never exceeds the number of keys."""
+    seen = set()
     n = len(head)
     for k in keys:
         if k.startswith(head):
             m = _INDEX.match(k, n)
             if m and k[m.end() : m.end() + 1] == ".":
-                best = max(best, int(m.group(1)))
-    return best + 1
+                seen.add(int(m.group(1)))
+    if seen and max(seen) != len(seen) - 1:
+        raise LayoutError(f"{head}N: the indices are not 0..{len(seen) - 1}")
+    return len(seen)
 
 
 def _indices(keys: Iterable[str], head: str) -> list[int]:
@@ -991,7 +995,7 @@ def _check(layout: str, kind: str, prefix: str, shapes: Mapping[str, Shape]) -> 
     what = f"{prefix or '(no prefix)'}: {layout} {kind}"
     try:
         cfg = (_read_ldm if layout == "ldm" else _read_diffusers)(rel, kind)
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
+    except (KeyError, IndexError, TypeError, ValueError, ArithmeticError) as exc:
         raise LayoutError(f"{what}: cannot read its configuration ({exc})") from None
     found = Found(layout, kind, prefix, cfg)  # type: ignore[arg-type]
     want = {m.key[n:]: m.shape for m in found.table()}
@@ -1039,10 +1043,12 @@ def infer(shapes: Mapping[str, Any], kind: Optional[Kind] = None) -> Optional[Fo
     configuration they imply (the message names the first missing / unexpected keys), or
     when two models of the kind are present.
 
-    >>> found = infer({"control_model.input_blocks.0.0.weight": (4, 4, 3, 3), ...})
-    ... # doctest: +SKIP
+    >>> found = infer({"control_model." + k: s for k, s in ldm_controlnet(SD1)})
     >>> found.layout, found.kind, found.prefix, found.config.label
     ('ldm', 'controlnet', 'control_model.', 'SD1.x')
+    >>> found = infer(dict(diffusers_controlnet(SDXL)))
+    >>> found.layout, found.family, found.to_ldm()["controlnet_mid_block.weight"]
+    ('diffusers', 'sdxl', 'control_model.middle_block_out.0.weight')
     """
     if kind not in (None, "unet", "controlnet"):
         raise ValueError(f"kind must be 'unet', 'controlnet' or None, not {kind!r}")
