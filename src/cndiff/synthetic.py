@@ -229,7 +229,6 @@ class DType(str):
 
 
 _F32 = DType("float32")
-_F16 = DType("float16")
 
 
 # --------------------------------------------------------------------------------------
@@ -1432,6 +1431,15 @@ _FMT_OF_SUFFIX = {".safetensors": "safetensors", ".pth": "pth", ".pt": "pt", ".c
                   ".bin": "pth"}  # fmt: skip
 
 
+def _ext(fmt: str) -> str:
+    try:
+        return _EXT[fmt]
+    except KeyError:
+        raise ValueError(
+            f"unknown format {fmt!r}; use pth, ckpt, pt, legacy or safetensors"
+        ) from None
+
+
 def _fmt_for(path: Path, fmt: Optional[str], default: str) -> str:
     """``fmt``, else the format the path's suffix names, else ``default``."""
     if fmt is not None:
@@ -1646,7 +1654,7 @@ def make_pair(
         cfmt = control_fmt or ("safetensors" if layout == "diffusers" else "pth")
         stem = {"original": "control_", "control-only": "control_v11p_"}.get(layout, "controlnet_")
         control = make_control(
-            folder / f"{stem}{name}_synthetic{_EXT[cfmt]}",
+            folder / f"{stem}{name}_synthetic{_ext(cfmt)}",
             arch,
             seed=seed,
             base_seed=seed,
@@ -1667,7 +1675,7 @@ def make_pair(
         )
         bfmt = base_fmt or default
         base = make_base(
-            folder / f"{name}_base_synthetic{_EXT[bfmt]}",
+            folder / f"{name}_base_synthetic{_ext(bfmt)}",
             arch,
             seed=seed,
             fmt=bfmt,  # type: ignore[arg-type]
