@@ -510,9 +510,20 @@ def _read_any(path: Path) -> dict[str, torch.Tensor]:
     return obj.get("state_dict", obj)
 
 
-@pytest.mark.parametrize("name", ["sd15", "sd21", "sdxl"])
-@pytest.mark.parametrize("layout", ["original", "control-only", "diffusers"])
-@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+@pytest.mark.parametrize(
+    ("name", "layout", "fmt"),
+    [
+        ("sd15", "original", "pth"),
+        ("sd15", "control-only", "safetensors"),
+        ("sd15", "diffusers", "pth"),
+        ("sd21", "original", "safetensors"),
+        ("sd21", "control-only", "pth"),
+        ("sd21", "diffusers", "safetensors"),
+        ("sdxl", "original", "pth"),
+        ("sdxl", "control-only", "pth"),
+        ("sdxl", "diffusers", "safetensors"),
+    ],
+)
 def test_control_files_every_layout(tmp_path, name, layout, fmt) -> None:
     arch = TINIES[name]
     path = syn.make_control(tmp_path / f"c.{fmt}", arch, seed=4, layout=layout)  # type: ignore[arg-type]
