@@ -391,6 +391,8 @@ def test_infer_variants():
     channels), other hint widths, an SDXL-refiner-like UNet (custom family)."""
     inpaint = dataclasses.replace(SD1, in_channels=9)
     assert L.infer(_file(inpaint, "ldm", "unet", UNET_PREFIX)).config == inpaint
+    odd = dataclasses.replace(SD1, context_dim=1024)  # SD1.x structure, SD2.x context
+    assert L.infer(_file(odd, "ldm", "unet", UNET_PREFIX)).config.family == "custom"
     hint = dataclasses.replace(SD1, hint_channels=1, hint_widths=(16, 32, 96, 128, 256))
     got = L.infer(_file(hint, "diffusers", "controlnet", "")).config
     assert got == hint and len(L.ldm_controlnet(hint)) == 344

@@ -260,8 +260,9 @@ def _scaled_defaults(config: UNetConfig) -> UNetConfig:
 
 def family_of(config: UNetConfig) -> str:
     """The family whose structure ``config`` has (``"sd1"``, ``"sd2"``, ``"sdxl"``), or
-    ``"custom"``. Widths do not count (channel-scaled models keep their family); levels,
-    res blocks, transformer depths, linear projections and having ``label_emb`` do."""
+    ``"custom"``. Levels, res blocks, transformer depths, linear projections and having
+    ``label_emb`` count; widths do not (channel-scaled models keep their family), except
+    that a full-width model must also have the family's context width."""
 
     def shape(c: UNetConfig) -> tuple:
         return (
@@ -274,7 +275,8 @@ def family_of(config: UNetConfig) -> str:
         )
 
     for name, known in CONFIGS.items():
-        if shape(config) == shape(known):
+        scaled = config.model_channels != known.model_channels
+        if shape(config) == shape(known) and (scaled or config.context_dim == known.context_dim):
             return name
     return "custom"
 
@@ -853,6 +855,7 @@ def _finish(found: dict[str, Any], kind: str, shapes: Mapping[str, Shape]) -> UN
         transformer_depth_middle=found["transformer_depth_middle"],
         linear_proj=bool(linear),
         adm_in_channels=found["adm_in_channels"],
+        context_dim=context or 0,
     )
     family = family_of(probe)
     base = _template(family, found["model_channels"])
