@@ -42,7 +42,8 @@ def pair(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def slow_pair(tmp_path_factory) -> tuple[Path, Path]:
     """A pair wide enough (UNet width 32) that SLOW runs last long enough to interrupt."""
-    arch = dataclasses.replace(synthetic.tiny(), model_channels=32)
+    tiny = synthetic.tiny()
+    arch = dataclasses.replace(tiny, unet=dataclasses.replace(tiny.unet, model_channels=32))
     return synthetic.make_pair(tmp_path_factory.mktemp("slow"), arch)
 
 
