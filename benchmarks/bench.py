@@ -476,12 +476,12 @@ def prepare_data(args: argparse.Namespace) -> tuple[Path, Path, Optional[Path]]:
 def needed_bytes(control: Path, base: Path) -> dict[str, int]:
     """Bytes of the tensors the job must read, from cndiff's own plan."""
     from cndiff import open_checkpoint
-    from cndiff.inputs.sources import unet_prefix
+    from cndiff.inputs.views import control_view, unet_view
     from cndiff.plan import plan_pairs
 
     ctl, bse = open_checkpoint(control), open_checkpoint(base)
     try:
-        plan = plan_pairs(ctl.tensors, bse.tensors, base_prefix=unet_prefix(bse.tensors))
+        plan = plan_pairs(control_view(ctl.tensors), unet_view(bse.tensors))
         c = sum(ctl.tensors[i.control_key].nbytes for i in plan)
         sub = [i for i in plan if i.base_key is not None]
         b = sum(bse.tensors[i.base_key].nbytes for i in sub)

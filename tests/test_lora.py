@@ -21,7 +21,9 @@ from cndiff.backends.numpy_backend import NumpyDecomposition
 from cndiff.backends.torch_backend import TorchBackend
 from cndiff.errors import CndiffError, IncompatibleBaseError, OutputExistsError
 from cndiff.inputs import open_checkpoint
+from cndiff.inputs.views import control_view, unet_view
 from cndiff.lora import MARKER_KEY, layout_counts, lora_layout
+from cndiff.plan import plan_pairs
 
 CP = "control_model."
 UP = "model.diffusion_model."
@@ -53,6 +55,13 @@ def _specs(arch):
     return control, base
 
 
+def _layout(arch, **kw):
+    """The Control-LoRA layout of ``arch``'s ControlNet against its base, from shapes."""
+    control, base = _specs(arch)
+    items = plan_pairs(control_view(control), unet_view(base))
+    return lora_layout(items, **kw)
+
+
 def _mirrored_weights(arch) -> list[str]:
     """control_model.* Linear/Conv2d weights that the UNet also has."""
     control, base = _specs(arch)
@@ -70,8 +79,7 @@ def _mirrored_weights(arch) -> list[str]:
 
 
 def test_stability_layout_matches_public_sd15_files():
-    control, base = _specs(synthetic.SD15)
-    layout = lora_layout(control, base, rank=128, stability_compatible=True)
+    layout = _layout(synthetic.SD15, rank=128, stability_compatible=True)
     assert layout_counts(layout) == (463, 67_835_680)
     factored = [e for e in layout if e.kind == "lora"]
     assert len(factored) == 122
@@ -88,8 +96,7 @@ def test_stability_layout_matches_public_sd15_files():
 
 
 def test_default_layout_full_size_sd15():
-    control, base = _specs(synthetic.SD15)
-    layout = lora_layout(control, base, rank=128)
+    layout = _layout(synthetic.SD15, rank=128)
     full = [e.name for e in layout if e.kind == "weight"]
     # 320x4x3x3: rank-36 factors (12,816) would be larger than the weight (11,520)
     assert full == ["input_blocks.0.0.weight"]
@@ -105,7 +112,7 @@ def test_default_layout_full_size_sd15():
 @pytest.mark.parametrize("stability", [False, True], ids=["plain", "stability"])
 def test_layout_rules(arch, stability):
     control, base = _specs(arch)
-    layout = lora_layout(control, base, rank=64, stability_compatible=stability)
+    layout = _layout(arch, rank=64, stability_compatible=stability)
     keys = [k for e in layout for k, _ in e.outputs]
     assert len(keys) == len(set(keys))
     assert not any(k.startswith(CP) for k in keys)

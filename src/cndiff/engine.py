@@ -77,7 +77,7 @@ class Stream:
         """The embedded UNet key compared with ``item``'s base chunk, if any."""
         if self.embedded_prefix is None or item.base_key is None:
             return None
-        key = self.embedded_prefix + item.control_key.split(".", 1)[1]
+        key = self.embedded_prefix + item.key.split(".", 1)[1]
         info = self.control.tensors.get(key)
         return key if info is not None and info.shape == item.shape else None
 

@@ -40,7 +40,7 @@ import numpy as np
 from .errors import CheckpointError, OptionError
 from .inputs import Checkpoint
 from .inputs.classify import CONTROL_PREFIX, LORA_MARKER
-from .plan import HasShape, plan_pairs
+from .plan import PlanItem
 from .text import escape
 
 __all__ = [
@@ -50,6 +50,8 @@ __all__ = [
     "lora_layout",
     "layout_counts",
     "choose_kind",
+    "factorizable",
+    "matrix_dims",
     "lora_weight",
 ]
 
@@ -75,6 +77,8 @@ class LoraEntry:
     shape: tuple[int, ...]
     kind: Literal["lora", "weight", "copy"]
     rank: int | None = None
+    #: the canonical ``control_model.X`` key (``control_key`` is the file's own)
+    key: str = ""
 
     @property
     def outputs(self) -> list[tuple[str, tuple[int, ...]]]:
@@ -97,10 +101,11 @@ class LoraEntry:
 
     def with_kind(self, kind: Literal["lora", "weight"], rank: int) -> LoraEntry:
         """The entry stored as ``kind`` at ``rank`` (its output name follows the kind)."""
-        name = self.control_key[len(CONTROL_PREFIX) :]
+        name = (self.key or self.control_key)[len(CONTROL_PREFIX) :]
         if kind == "lora":
             name = name.removesuffix(".weight")
-        return LoraEntry(name, self.control_key, self.base_key, self.shape, kind, rank)
+        return LoraEntry(name, self.control_key, self.base_key, self.shape, kind, rank,
+                         self.key)  # fmt: skip
 
 
 def factorizable(key: str, shape: tuple[int, ...], base_key: str | None) -> bool:
@@ -128,38 +133,25 @@ def choose_kind(
 
 
 def lora_layout(
-    control_tensors: Mapping[str, HasShape],
-    base_tensors: Mapping[str, HasShape],
+    items: Sequence[PlanItem],
     *,
     rank: int = 128,
     ranks: Mapping[str, int] | None = None,
     stability_compatible: bool = False,
-    base_prefix: str = "model.diffusion_model.",
-    control_name: str = "control",
-    base_name: str = "base",
 ) -> list[LoraEntry]:
-    """The Control-LoRA layout of a ControlNet, from key names and shapes only.
-
-    ``control_tensors`` / ``base_tensors`` map keys to anything with a ``shape``
-    (:class:`~cndiff.inputs.TensorInfo` of an open checkpoint, or the
-    :class:`~cndiff.synthetic.TensorSpec` of :func:`cndiff.synthetic.control_spec`), so
-    the layout of a full-size model is known without reading any data. ``ranks`` gives a
-    rank per control key (overriding ``rank``), e.g. as chosen by ``max_error``.
-
-    Raises :class:`~cndiff.errors.CheckpointError` when the control has no
-    ``control_model.*`` keys and :class:`~cndiff.errors.IncompatibleBaseError` when the
-    base does not match (as :func:`cndiff.plan.plan_pairs`).
+    """The Control-LoRA layout of a ControlNet, from its plan (key names and shapes only:
+    the layout of a full-size model is known without reading any data; see
+    :func:`cndiff.plan.plan_pairs`). ``ranks`` gives a rank per control key (overriding
+    ``rank``), e.g. as chosen by ``max_error``.
     """
     if rank < 1:
         raise OptionError(f"rank must be at least 1, not {rank}")
-    plan = plan_pairs(control_tensors, base_tensors, base_prefix=base_prefix,
-                      control_name=control_name, base_name=base_name)  # fmt: skip
     entries: list[LoraEntry] = []
-    for item in plan:
-        name = item.control_key[len(CONTROL_PREFIX) :]
-        entry = LoraEntry(name, item.control_key, item.base_key, item.shape, "copy")
-        if factorizable(item.control_key, item.shape, item.base_key):
-            r = ranks.get(item.control_key, rank) if ranks is not None else rank
+    for item in items:
+        name = item.key[len(CONTROL_PREFIX) :]
+        entry = LoraEntry(name, item.control_key, item.base_key, item.shape, "copy", key=item.key)
+        if factorizable(item.key, item.shape, item.base_key):
+            r = ranks.get(item.key, rank) if ranks is not None else rank
             entry = entry.with_kind(*choose_kind(item.shape, r, stability_compatible))
         entries.append(entry)
     return entries
@@ -181,24 +173,19 @@ def _f32(ck: Checkpoint, key: str) -> np.ndarray:
     return to_float32(Raw(raw, info.dtype), out).reshape(info.shape)
 
 
-def lora_weight(
-    lora: Checkpoint, base: Checkpoint, control_key: str, base_prefix: str
-) -> np.ndarray:
-    """Rebuild one ControlNet weight from a Control-LoRA as the loaders do, in float32.
-
-    ``control_key`` is the ControlNet key, with or without ``control_model.``. The result
-    is ``W_base + (up.flatten(1) @ down.flatten(1)).reshape(W.shape)`` when the file has
-    factors for the module, the file's tensor when it has the key itself, and the base's
-    tensor otherwise (what ComfyUI and sd-webui-controlnet then use). Raises
+def lora_weight(lora: Checkpoint, base: Checkpoint, item: PlanItem) -> np.ndarray:
+    """Rebuild one ControlNet weight (plan ``item``) from a Control-LoRA as the loaders do,
+    in float32: ``W_base + (up.flatten(1) @ down.flatten(1)).reshape(W.shape)`` when the
+    file has factors for the module, the file's tensor when it has the key itself, and the
+    base's tensor otherwise (what ComfyUI and sd-webui-controlnet then use). Raises
     :class:`CheckpointError` when the factors do not fit the weight.
     """
-    name = control_key.removeprefix(CONTROL_PREFIX)
+    name = item.key.removeprefix(CONTROL_PREFIX)
     if name in lora.tensors:
         return _f32(lora, name)
-    base_key = base_prefix + name
-    if base_key not in base.tensors:
+    if item.base_key is None:
         raise CheckpointError(f"neither the Control-LoRA nor the base has {escape(name)!r}")
-    w = _f32(base, base_key)
+    w = _f32(base, item.base_key)
     module = name.removesuffix(".weight")
     if name.endswith(".weight") and module + ".up" in lora.tensors:
         if module + ".down" not in lora.tensors:

@@ -13,23 +13,15 @@ names and shapes only; no tensor data is read.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from .errors import CheckpointError, IncompatibleBaseError
-from .inputs.classify import CONTROL_PREFIX, DIFFERENCE_KEY
+from .inputs.classify import CONTROL_PREFIX, DIFFERENCE_KEY, UNET_PREFIX
 from .inputs.sources import MIRRORED, Inputs
+from .inputs.views import View
 from .text import escape
 
-__all__ = ["HasShape", "PlanItem", "Plan", "plan_pairs", "plan_extract", "plan_apply"]
-
-
-class HasShape(Protocol):
-    """What a plan needs of a tensor description: its shape."""
-
-    @property
-    def shape(self) -> tuple[int, ...]: ...
+__all__ = ["PlanItem", "Plan", "plan_pairs", "plan_extract", "plan_apply"]
 
 
 @dataclass(frozen=True)
@@ -94,39 +86,38 @@ class Plan:
 
 
 def plan_pairs(
-    control: Mapping[str, HasShape],
-    base: Mapping[str, HasShape],
+    control: View,
+    base: View | None,
     *,
-    base_prefix: str,
     control_name: str = "control",
     base_name: str = "base",
 ) -> list[PlanItem]:
-    """For every ``control_model.*`` tensor, its base counterpart (or None).
+    """For every ControlNet tensor, its base counterpart (or None), by canonical name:
+    ``control_model.X`` pairs with ``model.diffusion_model.X``, whatever the files'
+    layouts.
 
-    Raises :class:`CheckpointError` when ``control`` has no ``control_model.*`` keys and
+    Raises :class:`CheckpointError` when ``control`` has no tensors and
     :class:`IncompatibleBaseError` when the base does not look like the UNet the control
     model was built on (a mirrored key without base tensor, or a shape mismatch).
     """
+    base_map = base.by_canonical() if base is not None else {}
     items: list[PlanItem] = []
     missing: list[str] = []
     mismatched: list[str] = []
     mirrored = 0
-    for ck, info in control.items():
-        if not ck.startswith(CONTROL_PREFIX):
-            continue
-        name = ck[len(CONTROL_PREFIX) :]
-        bk = base_prefix + name
+    for file_key, canon, shape in control.entries:
+        name = canon[len(CONTROL_PREFIX) :]
         is_mirrored = name.startswith(MIRRORED)
         mirrored += is_mirrored
-        b = base.get(bk)
-        if b is not None:
-            if b.shape != info.shape:
-                mismatched.append(f"{name} {list(info.shape)} vs {list(b.shape)}")
-            items.append(PlanItem(ck, ck, bk, info.shape))
+        hit = base_map.get(UNET_PREFIX + name)
+        if hit is not None:
+            if hit[1] != shape:
+                mismatched.append(f"{name} {list(shape)} vs {list(hit[1])}")
+            items.append(PlanItem(canon, file_key, hit[0], shape))
         else:
             if is_mirrored:
                 missing.append(name)
-            items.append(PlanItem(ck, ck, None, info.shape))
+            items.append(PlanItem(canon, file_key, None, shape))
     if not items:
         raise CheckpointError(
             f"{control_name} has no {CONTROL_PREFIX}* keys: it is not a ControlNet checkpoint"
@@ -134,24 +125,22 @@ def plan_pairs(
     if missing or mismatched:
         matched = mirrored - len(missing) - len(mismatched)
         detail = (
-            f"{len(missing)} have no {base_prefix or 'UNet '}* tensor (e.g. {escape(missing[0])})"
+            f"{len(missing)} have no UNet tensor (e.g. {escape(missing[0])})"
             if missing
             else f"{len(mismatched)} differ in shape (e.g. {escape(mismatched[0])})"
         )
         raise IncompatibleBaseError(
             f"{base_name} does not match the UNet {control_name} was built on: only {matched} "
             f"of {mirrored} UNet keys match; {detail}. Use the SD base the ControlNet was "
-            "trained from (SD1.5 for control_sd15_*), or --base self"
+            "trained from (SD1.5 for control_sd15_*, SDXL for *_sdxl_*), or --base self"
         )
     return items
 
 
 def _pairs(inputs: Inputs) -> list[PlanItem]:
-    assert inputs.base is not None
     return plan_pairs(
-        inputs.control.tensors,
-        inputs.base.tensors,
-        base_prefix=inputs.base_prefix,
+        inputs.control_view,
+        inputs.base_view,
         control_name=escape(inputs.control.path.name),
         base_name=inputs.base_name,
     )

@@ -34,7 +34,7 @@ from ..engine import parallel_map
 from ..errors import CheckpointError
 from ..fingerprint import BaseMatchStats, classify_base
 from ..inputs import Checkpoint
-from ..inputs.classify import UNET_PREFIX
+from ..inputs.classify import CONTROL_PREFIX, UNET_PREFIX
 from ..inputs.sources import Inputs
 from ..lora import (
     MARKER_KEY,
@@ -47,7 +47,7 @@ from ..lora import (
 )
 from ..options import Options
 from ..pipeline import Job, describe_keys, input_hashes, make_job
-from ..plan import Plan, PlanItem
+from ..plan import Plan, plan_extract
 from ..progress import progress_bar
 from ..provenance import build_metadata
 from ..results import ExtractResult, LoraLayer, LoraSummary
@@ -65,18 +65,10 @@ SVD_AUTO = "gram"
 def plan_lora(inputs: Inputs, options: Options) -> tuple[Plan, list[LoraEntry]]:
     """The Control-LoRA layout of a job (ranks from ``rank``; ``max_error`` decides them
     later), and a plan of the same tensors for the job machinery."""
-    assert inputs.base is not None
-    layout = lora_layout(
-        inputs.control.tensors,
-        inputs.base.tensors,
-        rank=options.lora_rank,
-        stability_compatible=options.stability_compatible,
-        base_prefix=inputs.base_prefix,
-        control_name=escape(inputs.control.path.name),
-        base_name=inputs.base_name,
-    )
-    items = [PlanItem(e.control_key, e.control_key, e.base_key, e.shape) for e in layout]
-    return Plan(items, "sub", "control-lora", MARKER_KEY), layout
+    plan = plan_extract(inputs)
+    layout = lora_layout(plan.items, rank=options.lora_rank,
+                         stability_compatible=options.stability_compatible)  # fmt: skip
+    return Plan(plan.items, "sub", "control-lora", MARKER_KEY), layout
 
 
 def _read(ck: Checkpoint, key: str, backend: Backend) -> np.ndarray:
@@ -126,7 +118,7 @@ def _factorize(
     mx = backend.combine("sub", Raw(c.reshape(-1), F32), Raw(b.reshape(-1), F32), d, F32)
     if not math.isfinite(mx):
         raise CheckpointError(
-            f"{escape(ctl.path.name)}: {escape(entry.control_key)} holds NaN or infinite values "
+            f"{escape(ctl.path.name)}: {escape(entry.key)} holds NaN or infinite values "
             "(in the control or the base): no Control-LoRA can be computed from it; extract a "
             "difference model instead, or use another file"
         )
@@ -143,7 +135,7 @@ def _factorize(
     if kind == "weight":  # the control's own weight, rounded once to the output dtype
         _, back = _to_dtype(c, dt, backend)
         err = _norm(back - c)
-        layer = LoraLayer(entry.control_key, entry.shape, "weight", r, 0.0,
+        layer = LoraLayer(entry.key, entry.shape, "weight", r, 0.0,
                           err / w_norm if w_norm else 0.0, 1.0, norm, w_norm)  # fmt: skip
         return final, None, layer, match
     if dec is None:
@@ -164,7 +156,7 @@ def _factorize(
     rebuilt = b.reshape(m, n) + up_back @ down_back
     w_err = _norm(rebuilt - c.reshape(m, n))
     energy = kept / (norm * norm) if norm else 1.0
-    layer = LoraLayer(entry.control_key, entry.shape, "lora", r, trunc / norm if norm else 0.0,
+    layer = LoraLayer(entry.key, entry.shape, "lora", r, trunc / norm if norm else 0.0,
                       w_err / w_norm if w_norm else 0.0, min(energy, 1.0), norm,
                       w_norm)  # fmt: skip
     return final, (up_o.reshape(up_shape), down_o.reshape(down_shape)), layer, match
@@ -173,7 +165,7 @@ def _factorize(
 def _compare(entry: LoraEntry, inputs: Inputs, backend: Backend) -> tuple | None:
     """One tensor's base check (base vs the control file's embedded UNet)."""
     assert inputs.base is not None and entry.base_key is not None
-    ekey = UNET_PREFIX + entry.control_key.split(".", 1)[1]
+    ekey = UNET_PREFIX + entry.key[len(CONTROL_PREFIX) :]
     info = inputs.control.tensors.get(ekey)
     if info is None or info.shape != entry.shape:
         return None
@@ -294,7 +286,7 @@ def _write(job: Job, final: list[LoraEntry], factors, options: Options, backend:
                 w.write(down)
                 continue
             if not _copy(w, inputs.control, e.control_key, dt, backend, options.chunk_elems):
-                nonfinite.append(e.control_key)
+                nonfinite.append(e.key)
         w.write(b"")
         inputs.check_unchanged()
         w.commit()

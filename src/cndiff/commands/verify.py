@@ -386,7 +386,7 @@ def _verify_lora(dk: Checkpoint, inputs: Inputs, items: list[PlanItem], opts: Op
             name = item.key[len(CONTROL_PREFIX) :]
             bar.update(1)
             try:
-                w = lora_weight(dk, inputs.base, item.key, inputs.base_prefix)
+                w = lora_weight(dk, inputs.base, item)
             except CheckpointError as exc:
                 report.misshaped.append(f"{name} ({exc})")
                 continue

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .checkpoint import TensorInfo
+from .views import DIFFUSERS_CONTROL_MARK, DIFFUSERS_UNET_MARK, architecture
 
 __all__ = [
     "CONTROL_PREFIX",
@@ -39,11 +40,16 @@ KINDS = {
     "control-lora": "Control-LoRA",
     "diffusers-controlnet": "diffusers ControlNet",
     "sd-checkpoint": "Stable Diffusion checkpoint (no ControlNet)",
+    "unet": "Stable Diffusion UNet alone (ldm layout)",
+    "diffusers-unet": "diffusers UNet (Stable Diffusion)",
     "unknown": "unknown (no ControlNet or UNet keys)",
 }
 
 #: kinds that hold a ControlNet ``extract`` can take
-CONTROL_KINDS = ("original-controlnet", "pruned-controlnet")
+CONTROL_KINDS = ("original-controlnet", "pruned-controlnet", "diffusers-controlnet")
+#: kinds that hold an SD UNet a ControlNet can be taken against
+BASE_KINDS = ("sd-checkpoint", "original-controlnet", "unet", "diffusers-unet")
+_LDM_UNET_MARKS = ("input_blocks.0.0.weight", "time_embed.0.weight")
 
 _WIDTHS = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
 
@@ -75,8 +81,6 @@ def classify(tensors: Mapping[str, TensorInfo]) -> FileKind:
 def _kind(keys: Mapping[str, object]) -> str:
     if LORA_MARKER in keys:
         return "control-lora"
-    if any(k.startswith("controlnet_cond_embedding.") for k in keys):
-        return "diffusers-controlnet"
     control = any(k.startswith(CONTROL_PREFIX) for k in keys)
     bare_control = any(k.startswith(("zero_convs.", "input_hint_block.")) for k in keys)
     if DIFFERENCE_KEY in keys and (control or bare_control):
@@ -85,19 +89,33 @@ def _kind(keys: Mapping[str, object]) -> str:
         if any(k.startswith(UNET_PREFIX) for k in keys):
             return "original-controlnet"
         return "pruned-controlnet"
+    if DIFFUSERS_CONTROL_MARK in keys:
+        return "diffusers-controlnet"
     if bare_control:
         return "pruned-controlnet"
     if any(k.startswith(UNET_PREFIX) for k in keys):
         return "sd-checkpoint"
+    if DIFFUSERS_UNET_MARK in keys and "conv_in.weight" in keys:
+        return "diffusers-unet"
+    if all(k in keys for k in _LDM_UNET_MARKS):
+        return "unet"
     return "unknown"
 
 
 def detect_arch(tensors: Mapping[str, TensorInfo]) -> str:
-    """``SD1.x``, ``SD2.x``, ``SDXL`` or ``unknown``, from the cross-attention width.
+    """``SD1.x``, ``SD2.x``, ``SDXL`` or ``unknown``: from the architecture
+    :mod:`cndiff.layouts` reads off the keys and shapes when they match a layout it
+    derives, else from the cross-attention width (768, 1024, 2048).
 
     Scaled-down models (tests) have another width; then SDXL is told by ``label_emb``
     and SD2.x by its Linear ``proj_in`` (2-D), and the width is named.
     """
+    config = architecture(tensors)
+    if config is not None and config.family in ("sd1", "sd2", "sdxl"):
+        if config.context_dim in _WIDTHS:
+            return config.label
+        return (f"{config.label}-like (cross-attention width {config.context_dim}, not a "
+                "standard size)")  # fmt: skip
     width = None
     linear_proj = None
     sdxl = False

@@ -22,6 +22,7 @@ from .classify import (
     FileKind,
     classify,
 )
+from .views import View, control_view, unet_view
 
 __all__ = [
     "Inputs",
@@ -30,7 +31,6 @@ __all__ = [
     "open_input",
     "check_role",
     "check_base_kind",
-    "unet_prefix",
     "SELF",
 ]
 
@@ -40,6 +40,7 @@ SELF = "self"
 #: what a command needs its first file to be
 Role = str  # "control" (an original/pruned ControlNet), "difference" (a difference model)
 
+#: ControlNet modules that mirror the UNet: every key under them must find a base tensor
 MIRRORED = ("time_embed.", "input_blocks.", "middle_block.", "label_emb.")
 
 
@@ -47,14 +48,38 @@ MIRRORED = ("time_embed.", "input_blocks.", "middle_block.", "label_emb.")
 class Inputs:
     """The open files of one job. ``control`` is the ControlNet (for ``apply``: the
     difference model); ``base`` the SD checkpoint, or ``control`` itself when
-    ``base_is_self``; ``base_prefix`` where the base keeps its UNet keys."""
+    ``base_is_self``. ``control_view`` and ``base_view`` map their keys onto the
+    canonical ldm names, whatever the files' layouts."""
 
     control: Checkpoint
     kind: FileKind
     base: Checkpoint | None = None
     base_is_self: bool = False
-    base_prefix: str = UNET_PREFIX
     _stack: ExitStack = field(default_factory=ExitStack, repr=False)
+    _views: dict[str, View | None] = field(default_factory=dict, repr=False)
+
+    @property
+    def control_view(self) -> View:
+        """The control file's ControlNet, keys mapped to ``control_model.X``."""
+        if "control" not in self._views:
+            self._views["control"] = control_view(self.control.tensors,
+                                                  escape(self.control.path.name))  # fmt: skip
+        view = self._views["control"]
+        if view is None:
+            raise WrongKindError(
+                f"{escape(self.control.path.name)} has no {CONTROL_PREFIX}* keys: it is not a "
+                "ControlNet checkpoint"
+            )
+        return view
+
+    @property
+    def base_view(self) -> View | None:
+        """The base's UNet, keys mapped to ``model.diffusion_model.X`` (None: none found)."""
+        if "base" not in self._views:
+            b = self.base
+            self._views["base"] = None if b is None else unet_view(b.tensors,
+                                                                   escape(b.path.name))  # fmt: skip
+        return self._views["base"]
 
     @property
     def base_name(self) -> str:
@@ -96,16 +121,6 @@ class Inputs:
         return f"<Inputs {escape(self.control.path.name)!r} + {base!r}>"
 
 
-def unet_prefix(keys) -> str:
-    """Where a checkpoint keeps its UNet: ``model.diffusion_model.`` in full SD checkpoints,
-    ``""`` in UNet-only files (keys such as ``input_blocks.0.0.weight``)."""
-    if any(k.startswith(UNET_PREFIX) for k in keys):
-        return UNET_PREFIX
-    if any(k.startswith(MIRRORED) for k in keys):
-        return ""
-    return UNET_PREFIX
-
-
 def _what_instead(name: str, kind: FileKind, role: Role) -> str:
     if kind.kind == "difference" and role == "control":
         return (
@@ -124,8 +139,6 @@ def _what_instead(name: str, kind: FileKind, role: Role) -> str:
             f"{name} is a Stable Diffusion checkpoint without ControlNet weights: name it "
             "as the base, once"
         )
-    if kind.kind == "diffusers-controlnet":
-        return f"{name} is a ControlNet in the diffusers layout, which is not supported yet"
     if role == "difference":
         return (
             f"{name} is a {kind.description}, not a difference model (no "
@@ -147,7 +160,7 @@ def check_role(ckpt: Checkpoint, role: Role) -> FileKind:
     return kind
 
 
-_NOT_A_BASE = ("difference", "control-lora", "pruned-controlnet")
+_NOT_A_BASE = ("difference", "control-lora", "pruned-controlnet", "diffusers-controlnet")
 
 
 def check_base_kind(base: Checkpoint) -> None:
@@ -194,19 +207,19 @@ def open_inputs(
         if base is None:
             return inputs
         if isinstance(base, Checkpoint):
-            inputs.base, inputs.base_prefix = base, unet_prefix(base.tensors)
+            inputs.base = base
         elif os.fspath(base) == SELF:
             if not inputs.has_embedded_unet:
                 raise CndiffError(
                     f"--base self: {escape(ckpt.path.name)} has no embedded SD UNet "
                     f"({UNET_PREFIX}*); pass the SD base checkpoint instead"
                 )
-            inputs.base, inputs.base_is_self, inputs.base_prefix = ckpt, True, UNET_PREFIX
+            inputs.base, inputs.base_is_self = ckpt, True
         else:
             b = open_checkpoint(base)
             stack.callback(b.close)
             check_base_kind(b)
-            inputs.base, inputs.base_prefix = b, unet_prefix(b.tensors)
+            inputs.base = b
         return inputs
     except BaseException:
         stack.close()
