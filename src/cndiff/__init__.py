@@ -21,8 +21,10 @@ composed by :mod:`cndiff.pipeline` and the :mod:`cndiff.commands`.
 
 from ._version import __version__
 from .commands.apply import apply_diff
+from .commands.convert import convert, convert_many
 from .commands.extract import extract, extract_many, find_controls
 from .commands.inspect import FileReport, inspect_file
+from .commands.prune import prune, prune_many
 from .commands.verify import VerifyReport, verify
 from .errors import (
     CheckpointError,
@@ -46,6 +48,10 @@ __all__ = [
     "extract_many",
     "find_controls",
     "apply_diff",
+    "prune",
+    "prune_many",
+    "convert",
+    "convert_many",
     "verify",
     "inspect_file",
     "file_hashes",

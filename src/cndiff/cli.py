@@ -31,6 +31,8 @@ examples:
   cndiff batch models/ v1-5-pruned.ckpt -o diffs/
   cndiff verify diff_control_sd15_canny_fp16.safetensors --control control_sd15_canny.pth \\
       --base v1-5-pruned.ckpt
+  cndiff prune control_v11p_sd15_canny.pth
+  cndiff convert control_sd15_canny.pth --to diffusers
   cndiff demo
 """
 
@@ -193,6 +195,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hash(ap)
     _add_run(ap)
 
+    pr = sub.add_parser(
+        "prune",
+        help="keep a ControlNet's own weights (fp16 by default), drop the rest",
+        description="Write the ControlNet weights of each file alone, cast to --dtype: an "
+        "original control_sd15_*.pth (5.7 GB) or a ControlNet 1.1 file (1.45 GB) becomes 723 "
+        "MB in fp16. Keys keep their names (control_model.*, or diffusers names).",
+    )
+    pr.add_argument("controls", nargs="+", metavar="CONTROL",
+                    help="ControlNet files (any layout; a diffusers folder too)")
+    pr.add_argument("-o", "--out", help="output file, or folder (created when it ends with /)")
+    pr.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_hash(pr)
+    _add_run(pr)
+
+    co = sub.add_parser(
+        "convert",
+        help="convert a ControlNet between the ldm and the diffusers layout",
+        description="--to diffusers: an ldm ControlNet becomes a diffusers folder "
+        "(config.json + diffusion_pytorch_model.safetensors) that "
+        "diffusers.ControlNetModel.from_pretrained loads offline. --to ldm: a diffusers "
+        "ControlNet (file or folder) becomes one control_model.* file for ComfyUI, "
+        "sd-webui-controlnet and Forge. Tensors are renamed, never changed (but for --dtype).",
+    )
+    co.add_argument("models", nargs="+", metavar="MODEL", help="ControlNet files or folders")
+    co.add_argument("--to", required=True, choices=["diffusers", "ldm"], help="target layout")
+    co.add_argument("-o", "--out", help="output folder (diffusers) or file (ldm)")
+    co.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_hash(co)
+    _add_run(co)
+
     demo = sub.add_parser("demo", help="extract a built-in synthetic pair (no models needed)")
     demo.add_argument("folder", nargs="?", default="cndiff-demo",
                       help="where to write the demo files (default: ./cndiff-demo)")
@@ -317,6 +349,28 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return _print_results([result], args.json, table=False)
 
 
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from .commands.prune import prune, prune_many
+
+    opts = _options(args)
+    if len(args.controls) == 1:
+        return _print_results([prune(args.controls[0], args.out, options=opts)], args.json,
+                              table=False)  # fmt: skip
+    return _print_results(prune_many(args.controls, args.out, options=opts), args.json,
+                          table=True)  # fmt: skip
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .commands.convert import convert, convert_many
+
+    opts = _options(args)
+    if len(args.models) == 1:
+        return _print_results([convert(args.models[0], args.to, args.out, options=opts)],
+                              args.json, table=False)  # fmt: skip
+    return _print_results(convert_many(args.models, args.to, args.out, options=opts),
+                          args.json, table=True)  # fmt: skip
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -343,6 +397,8 @@ _COMMANDS = {
     "inspect": _cmd_inspect,
     "verify": _cmd_verify,
     "apply": _cmd_apply,
+    "prune": _cmd_prune,
+    "convert": _cmd_convert,
     "demo": _cmd_demo,
 }
 

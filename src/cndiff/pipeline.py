@@ -66,6 +66,8 @@ class Job:
     writer: SafetensorsWriter | None = None
     result: ExtractResult | None = None
     error: BaseException | None = None
+    #: called once the output is committed (convert: write diffusers' config.json)
+    after: Callable[[Job], None] | None = None
 
     def __repr__(self) -> str:
         return f"<Job {escape(self.target.name)!r}: {self.plan!r}>"
@@ -154,7 +156,7 @@ def _scan_unchanged(jobs: Sequence[Job], options: Options, backend: Backend, iso
 
 
 def _label(jobs: Sequence[Job]) -> str:
-    return jobs[0].inputs.control.path.name if len(jobs) == 1 else f"{len(jobs)} models"
+    return jobs[0].inputs.name if len(jobs) == 1 else f"{len(jobs)} models"
 
 
 def _marker(dt: DType) -> np.ndarray:
@@ -196,6 +198,8 @@ def run_jobs(
             job.writer.write(_marker(dt))
         job.writer.commit()
         job.result = _result(job, options, backend)
+        if job.after is not None:
+            job.after(job)
         if on_result is not None:
             on_result(job)
 
@@ -264,7 +268,7 @@ def run_jobs(
 
 def _result(job: Job, options: Options, backend: Backend) -> ExtractResult:
     assert job.writer is not None
-    name = escape(job.inputs.control.path.name)
+    name = job.inputs.name
     dt = options.out_dtype
     unchanged: list[str] = []
     if job.plan.op == "sub":

@@ -15,13 +15,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from . import layouts
 from .errors import CheckpointError, IncompatibleBaseError
 from .inputs.classify import CONTROL_PREFIX, DIFFERENCE_KEY, UNET_PREFIX
 from .inputs.sources import MIRRORED, Inputs
 from .inputs.views import View
 from .text import escape
 
-__all__ = ["PlanItem", "Plan", "plan_pairs", "plan_extract", "plan_apply"]
+__all__ = [
+    "PlanItem",
+    "Plan",
+    "plan_pairs",
+    "plan_extract",
+    "plan_apply",
+    "plan_prune",
+    "plan_convert",
+]
 
 
 @dataclass(frozen=True)
@@ -47,8 +56,9 @@ class Plan:
     """Every output tensor of a job, in output order.
 
     ``op`` says how a paired tensor is combined with the base: ``sub`` (extract:
-    control - base) or ``add`` (apply: difference + base). ``kind`` is what the output is
-    (``difference``, ``standalone``); ``marker`` the key that marks the file (the scalar
+    control - base), ``add`` (apply: difference + base) or ``copy`` (no base: prune,
+    convert). ``kind`` is what the output is (``difference``, ``standalone``, ``pruned``,
+    ``ldm``, ``diffusers``); ``marker`` the key that marks the file (the scalar
     ``difference`` = 1 of a difference model), if any. ``dropped`` lists keys left out.
     """
 
@@ -157,3 +167,43 @@ def plan_apply(inputs: Inputs) -> Plan:
     tensor, the rest as it is, no marker (the diff's own marker is not a tensor to keep)."""
     items = [i for i in _pairs(inputs) if i.key != DIFFERENCE_KEY]
     return Plan(items, "add", "standalone", None)
+
+
+def plan_prune(inputs: Inputs) -> Plan:
+    """A pruned ControlNet: its own tensors, named as in the file (``control_model.*``, or
+    the diffusers names), everything else left out."""
+    items = [PlanItem(k, k, None, shape) for k, _, shape in inputs.control_view.entries]
+    return Plan(items, "copy", "pruned", None)
+
+
+def plan_convert(inputs: Inputs, to: str) -> tuple[Plan, layouts.UNetConfig]:
+    """A ControlNet in the other layout: ``to="diffusers"`` (from ldm; the keys and order
+    of diffusers' ``ControlNetModel``) or ``to="ldm"`` (from diffusers; ``control_model.*``
+    in ldm order). Returns the plan and the architecture (for diffusers' ``config.json``).
+
+    Raises :class:`CheckpointError` when the file is already in that layout, or when its
+    keys do not fit a layout :mod:`cndiff.layouts` derives.
+    """
+    view = inputs.control_view
+    name = escape(inputs.control.path.name)
+    if view.layout == to:
+        raise CheckpointError(f"{name} is already in the {to} layout; nothing to convert")
+    config = view.config
+    if config is None:
+        try:
+            found = layouts.infer({k: t.shape for k, t in inputs.control.tensors.items()},
+                                  "controlnet")  # fmt: skip
+        except layouts.LayoutError as exc:
+            raise CheckpointError(f"{name}: its ControlNet does not fit a layout cndiff can "
+                                  f"convert ({escape(str(exc), 300)})") from None  # fmt: skip
+        if found is None:
+            raise CheckpointError(f"{name} holds no ControlNet cndiff can convert")
+        config = found.config
+    by_canonical = view.by_canonical()
+    if to == "diffusers":
+        items = [PlanItem(p.diffusers, by_canonical[CONTROL_PREFIX + p.ldm][0], None, p.shape)
+                 for p in layouts.controlnet_pairs(config)]  # fmt: skip
+    else:
+        items = [PlanItem(CONTROL_PREFIX + e.key, by_canonical[CONTROL_PREFIX + e.key][0], None,
+                          e.shape) for e in layouts.ldm_controlnet(config)]  # fmt: skip
+    return Plan(items, "copy", to, None), config

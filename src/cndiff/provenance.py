@@ -33,6 +33,9 @@ _DESCRIPTIONS = {
     "that has one (marker key 'difference')",
     "standalone": "standalone ControlNet (difference + base UNet baked in)",
     "control-lora": "Control-LoRA: UNet weights + up @ down for factorized layers",
+    "pruned": "ControlNet weights alone (the rest of the original file dropped)",
+    "ldm": "ControlNet in the ldm layout (control_model.*), converted from diffusers",
+    "diffusers": "ControlNet in the diffusers layout, converted from ldm",
 }
 
 
@@ -41,8 +44,10 @@ def _file_name(path) -> str:
 
 
 def job_record(kind: str, inputs: Inputs, options: Options) -> dict[str, Any]:
-    """What identifies the job that makes an output: an existing output whose record is
-    equal was made by the same job and is skipped on a rerun."""
+    """What identifies the job that makes an output (``kind``: what the output is,
+    ``difference``, ``standalone``, ``control-lora``, ``pruned``, ``ldm``, ``diffusers``):
+    an existing output whose record is equal was made by the same job and is skipped on a
+    rerun."""
     base = inputs.base
     record: dict[str, Any] = {
         "kind": kind,

@@ -226,8 +226,9 @@ class ExtractResult(Result):
         verb = {"standalone": "added", "control-lora": "factorized or full"}.get(
             self.kind, "subtracted"
         )
+        counts = f"{self.paired} {verb}, {self.copied} copied" if self.paired else "copied"
         text = (
-            f"{self.keys_written} tensors ({self.paired} {verb}, {self.copied} copied), "
+            f"{self.kind}, {self.keys_written} tensors ({counts}), "
             f"{self.dtype}, {_mb(self.bytes)} in {self.seconds:.2f} s"
         )
         if self.lora is not None:

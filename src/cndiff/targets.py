@@ -21,11 +21,15 @@ from pathlib import Path
 from .dtypes import short_name
 from .errors import CndiffError, OutputError, OutputExistsError
 from .inputs import open_checkpoint
+from .inputs.sources import model_folder, model_stem
 from .options import Options
 from .text import escape_path
 from .writer import check_writable_name, refuse_special, remove_stale_temp_files
 
-__all__ = ["default_name", "output_path", "prepare_target", "Skip", "existing_job", "JOB_KEY"]
+__all__ = [
+    "default_name",
+    "default_dir",
+    "output_path", "prepare_target", "Skip", "existing_job", "JOB_KEY"]
 
 #: the metadata key holding the job record (see :func:`cndiff.provenance.job_record`)
 JOB_KEY = "cndiff.job"
@@ -41,8 +45,10 @@ class Skip(Exception):
         self.target = target
 
 
-def _stem(path: Path) -> str:
-    return path.stem
+def default_dir(source: Path) -> Path:
+    """Where outputs go by default: beside the model (a diffusers folder's parent)."""
+    folder = model_folder(source)
+    return folder.parent if folder is not None else source.parent
 
 
 def default_name(kind: str, source: Path, options: Options, base: Path | None = None) -> str:
@@ -53,10 +59,16 @@ def default_name(kind: str, source: Path, options: Options, base: Path | None = 
     * ``control-lora``: ``control_lora_rank<N>_<control>_<dtype>.safetensors``
       (``maxerr<E>`` instead of ``rank<N>`` with ``max_error``);
     * ``standalone``: ``<control>_<base>_<dtype>.safetensors`` (``apply``; the diff's
-      ``diff_`` prefix and dtype tag dropped).
+      ``diff_`` prefix and dtype tag dropped);
+    * ``pruned``: ``<control>_<dtype>.safetensors``; for a diffusers weights file the
+      diffusers variant beside it, ``diffusion_pytorch_model.<dtype>.safetensors``;
+    * ``ldm``: ``<control>_<dtype>.safetensors`` (a diffusers ControlNet converted);
+    * ``diffusers``: the folder ``<control>_diffusers``.
+
+    ``<control>`` is the file's stem, or a diffusers model's folder name.
     """
     dt = short_name(options.out_dtype)
-    stem = _stem(source)
+    stem = model_stem(source)
     if kind == "difference":
         return f"diff_{stem}_{dt}.safetensors"
     if kind == "control-lora":
@@ -68,7 +80,13 @@ def default_name(kind: str, source: Path, options: Options, base: Path | None = 
         for tag in _DTYPE_TAGS:
             stem = stem.removesuffix(tag)
         assert base is not None
-        return f"{stem}_{_stem(base)}_{dt}.safetensors"
+        return f"{stem}_{model_stem(base)}_{dt}.safetensors"
+    if kind == "pruned" and model_folder(source) is not None:
+        return f"diffusion_pytorch_model.{dt}.safetensors"
+    if kind in ("pruned", "ldm"):
+        return f"{stem}_{dt}.safetensors"
+    if kind == "diffusers":
+        return f"{stem}_diffusers"
     raise ValueError(kind)
 
 
@@ -91,7 +109,7 @@ def output_path(
     ``out`` (an existing folder, a path ending in a separator, or any ``out`` when the run
     has several models: ``many``; created when missing), or at ``out`` itself."""
     if out is None:
-        return source.parent / name
+        return default_dir(source) / name
     o = Path(out)
     if many or _is_folder_spec(out):
         if os.path.lexists(o) and not _is_dir(o):

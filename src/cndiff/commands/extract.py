@@ -12,20 +12,19 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
-from contextlib import ExitStack
 from pathlib import Path
 
-from ..backends import Backend, select_backend
+from ..backends import Backend
 from ..errors import CndiffError, WrongKindError
-from ..inputs import Checkpoint, open_checkpoint
-from ..inputs.sources import SELF, Inputs, check_base_kind, check_role, open_inputs
+from ..inputs import open_checkpoint
+from ..inputs.sources import Inputs, check_role, model_file
 from ..options import Options, build_options
-from ..pipeline import Job, make_job, run_jobs
+from ..pipeline import Job, make_job
 from ..plan import plan_extract
 from ..results import BatchResult, ExtractResult
-from ..targets import Skip
 from ..text import escape, escape_path
 from .lora import export_lora
+from .runner import Prepare, refuse_repeats, run_models
 
 __all__ = ["extract", "extract_many", "find_controls", "CHECKPOINT_SUFFIXES"]
 
@@ -84,7 +83,8 @@ def extract(
     (PosixPath('diff_control_sd15_canny_fp16.safetensors'), 298, 42)
     """
     opts = build_options(options, **kwargs)
-    (result,) = _run([Path(control)], base, out, opts, isolate=False, many=False)
+    prepare = _prepare(out, opts, many=False)
+    (result,) = run_models([Path(control)], base, prepare, opts, isolate=False)
     return result
 
 
@@ -114,129 +114,21 @@ def extract_many(
     paths = [Path(c) for c in controls]
     if not paths:
         raise CndiffError("no ControlNet files given")
-    _refuse_repeats(paths)
-    return BatchResult(_run(paths, base, out_dir, opts, isolate=True, many=True))
+    refuse_repeats(paths)
+    prepare = _prepare(out_dir, opts, many=True)
+    return BatchResult(run_models(paths, base, prepare, opts, isolate=True))
 
 
-def _refuse_repeats(paths: list[Path]) -> None:
-    seen: dict[tuple, Path] = {}
-    for p in paths:
-        try:
-            st = p.stat()
-            key: tuple = (st.st_dev, st.st_ino)
-        except OSError:
-            key = (str(p.resolve()),)
-        if key in seen:
-            raise CndiffError(f"{escape_path(p)} is named twice (as {escape_path(seen[key])}); "
-                              "name each ControlNet once")  # fmt: skip
-        seen[key] = p
+def _prepare(out: PathLike | None, options: Options, *, many: bool) -> Prepare:
+    """How one model becomes a job: a difference model through the pipeline, or a
+    Control-LoRA through its own export."""
 
+    def prepare(inputs: Inputs, backend: Backend) -> Job | ExtractResult:
+        if options.format == "control-lora":
+            return export_lora(inputs, out, options, backend, many=many)
+        return make_job(inputs, plan_extract(inputs), out, options, many=many)
 
-def _failed(path: Path, options: Options, exc: BaseException) -> ExtractResult:
-    reason = str(exc) if isinstance(exc, CndiffError) else (
-        f"internal error ({type(exc).__name__}: {escape(str(exc))})"
-    )  # fmt: skip
-    log.warning("%s: failed: %s", escape_path(path.name), reason)
-    return ExtractResult(source=path, output=None, kind=options.format, dtype="",
-                         status="failed", reason=reason)  # fmt: skip
-
-
-def _skipped(path: Path, target: Path, options: Options) -> ExtractResult:
-    log.info("%s: skipped, %s is the complete output of the same job",
-             escape_path(path.name), escape_path(target.name))  # fmt: skip
-    return ExtractResult(source=path, output=target, kind=options.format,
-                         dtype=options.out_dtype.name, status="skipped",
-                         bytes=target.stat().st_size,
-                         reason="complete output of the same job exists; --overwrite redoes it")
-
-
-def _open_base(base: PathLike, stack: ExitStack) -> Checkpoint | str:
-    if os.fspath(base) == SELF:
-        return SELF
-    b = open_checkpoint(base)
-    stack.callback(b.close)
-    check_base_kind(b)
-    return b
-
-
-def _run(
-    paths: list[Path],
-    base: PathLike,
-    out: PathLike | None,
-    options: Options,
-    *,
-    isolate: bool,
-    many: bool,
-) -> list[ExtractResult]:
-    backend = select_backend(options.device, options.backend)
-    results: dict[int, ExtractResult] = {}
-    jobs: dict[int, Job] = {}
-    targets: dict[Path, Path] = {}
-    with ExitStack() as stack:
-        shared = _open_base(base, stack)
-        opened: list[tuple[int, Inputs]] = []
-        for i, path in enumerate(paths):
-            try:
-                inputs = open_inputs(path, shared if isinstance(shared, Checkpoint) else SELF,
-                                     role="control")  # fmt: skip
-            except WrongKindError as exc:
-                if exc.kind == "sd-checkpoint" and many:
-                    # a base among the named ControlNets is a mistake in the command
-                    # ("extract control.pth base.ckpt --base self"): refuse the whole run
-                    raise CndiffError(
-                        f"{escape_path(path)} is a Stable Diffusion checkpoint, not a "
-                        "ControlNet: give the base once, either as the last file or with --base"
-                    ) from None
-                if not isolate:
-                    raise
-                results[i] = _failed(path, options, exc)
-                continue
-            except Exception as exc:  # noqa: BLE001 - in a batch, one model's failure, any kind
-                if not isolate:
-                    raise
-                results[i] = _failed(path, options, exc)
-                continue
-            stack.callback(inputs.close)
-            opened.append((i, inputs))
-        for i, inputs in opened:
-            path = paths[i]
-            try:
-                if options.format == "control-lora":
-                    results[i] = export_lora(inputs, out, options, backend, many=many)
-                    continue
-                job = make_job(inputs, plan_extract(inputs), out, options, many=many)
-                if job.target in targets:
-                    raise CndiffError(
-                        f"{escape_path(path)} and {escape_path(targets[job.target])} would both "
-                        f"be written to {escape_path(job.target)}; convert them into different "
-                        "folders"
-                    )
-                targets[job.target] = path
-                jobs[i] = job
-            except Skip as skip:
-                results[i] = _skipped(path, skip.target, options)
-            except Exception as exc:  # noqa: BLE001 - one model's failure stops no other
-                if not isolate:
-                    raise
-                results[i] = _failed(path, options, exc)
-        if jobs:
-            _run_jobs(list(jobs.values()), options, backend, isolate)
-        for i, job in jobs.items():
-            if job.result is not None and job.error is None:
-                results[i] = job.result
-            else:
-                results[i] = _failed(paths[i], options, job.error or CndiffError("unknown error"))
-    return [results[i] for i in range(len(paths))]
-
-
-def _run_jobs(jobs: list[Job], options: Options, backend: Backend, isolate: bool) -> None:
-    def on_result(job: Job) -> None:  # a batch says each model's result when it is done
-        if job.result is not None:
-            log.info("%s: written to %s (%.1f MB)", escape_path(job.inputs.control.path.name),
-                     escape_path(job.target.name), job.result.bytes / 1e6)  # fmt: skip
-
-    run_jobs(jobs, options, backend, isolate=isolate,
-             on_result=on_result if len(jobs) > 1 else None)  # fmt: skip
+    return prepare
 
 
 def find_controls(folder: PathLike) -> tuple[list[Path], list[ExtractResult]]:
@@ -250,12 +142,15 @@ def find_controls(folder: PathLike) -> tuple[list[Path], list[ExtractResult]]:
     controls: list[Path] = []
     others: list[ExtractResult] = []
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        if p.name.startswith("."):
             continue
-        if not p.is_file():
+        if p.is_dir():  # a diffusers model folder counts as one model
+            if model_file(p) == p:
+                continue
+        elif p.suffix.lower() not in CHECKPOINT_SUFFIXES or not p.is_file():
             continue
         try:
-            with open_checkpoint(p) as ck:
+            with open_checkpoint(model_file(p)) as ck:
                 check_role(ck, "control")
         except WrongKindError as exc:  # readable, and something else: skipped
             others.append(ExtractResult(source=p, output=None, kind="", dtype="",

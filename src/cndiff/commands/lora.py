@@ -118,7 +118,7 @@ def _factorize(
     mx = backend.combine("sub", Raw(c.reshape(-1), F32), Raw(b.reshape(-1), F32), d, F32)
     if not math.isfinite(mx):
         raise CheckpointError(
-            f"{escape(ctl.path.name)}: {escape(entry.key)} holds NaN or infinite values "
+            f"{inputs.name}: {escape(entry.key)} holds NaN or infinite values "
             "(in the control or the base): no Control-LoRA can be computed from it; extract a "
             "difference model instead, or use another file"
         )
@@ -208,7 +208,7 @@ def export_lora(
     jobs = [e for e in layout if e.kind != "copy" or (compare and e.base_key is not None)]
     done: dict[str, tuple] = {}
     # layers are decomposed on ``workers`` threads (LAPACK releases the GIL), one D each
-    with progress_bar(len(todo), escape(inputs.control.path.name), options.progress,
+    with progress_bar(len(todo), inputs.name, options.progress,
                       unit="layer") as bar:  # fmt: skip
         for e, res in zip(jobs, parallel_map(work, jobs, options.n_workers)):
             done[e.control_key] = res
@@ -237,11 +237,11 @@ def export_lora(
         result.base_match = classify_base(match)
         kind = result.base_match.kind
         (log.info if kind == "identical" else log.warning)(
-            "%s: %s", escape(inputs.control.path.name), result.base_match.message
+            "%s: %s", inputs.name, result.base_match.message
         )
     worst = [x for x in summary.worst(3) if x.kind == "lora"]
     if worst:
-        log.info("%s: largest errors of the difference: %s", escape(inputs.control.path.name),
+        log.info("%s: largest errors of the difference: %s", inputs.name,
                  ", ".join(f"{escape(x.key)} (rank {x.rank}) {x.diff_error:.4f}"
                            for x in worst))  # fmt: skip
     return result
@@ -292,7 +292,7 @@ def _write(job: Job, final: list[LoraEntry], factors, options: Options, backend:
         w.commit()
     if nonfinite:
         log.warning("%s: %d key(s) hold NaN or infinite values: %s",
-                    escape(inputs.control.path.name), len(nonfinite),
+                    inputs.name, len(nonfinite),
                     describe_keys(nonfinite))  # fmt: skip
     paired = sum(1 for e in final if e.kind != "copy")
     return ExtractResult(

@@ -32,13 +32,17 @@ __all__ = [
     "check_role",
     "check_base_kind",
     "SELF",
+    "model_file",
+    "model_folder",
+    "model_stem",
 ]
 
 #: the base name that means "the UNet copy embedded in the control file"
 SELF = "self"
 
-#: what a command needs its first file to be
-Role = str  # "control" (an original/pruned ControlNet), "difference" (a difference model)
+#: what a command needs its first file to be: "control" (a ControlNet, any layout),
+#: "convert" (the same, for convert), "difference" (a difference model)
+Role = str
 
 #: ControlNet modules that mirror the UNet: every key under them must find a base tensor
 MIRRORED = ("time_embed.", "input_blocks.", "middle_block.", "label_emb.")
@@ -89,6 +93,12 @@ class Inputs:
         return "the embedded UNet" if self.base_is_self else escape(self.base.path.name)
 
     @property
+    def name(self) -> str:
+        """How messages name the model (a diffusers model: its folder), escaped."""
+        folder = model_folder(self.control.path)
+        return escape(folder.name if folder is not None else self.control.path.name)
+
+    @property
     def files(self) -> list[Path]:
         """The input files (for checks that an output is none of them)."""
         out = [self.control.path]
@@ -122,6 +132,12 @@ class Inputs:
 
 
 def _what_instead(name: str, kind: FileKind, role: Role) -> str:
+    if kind.kind in ("difference", "control-lora") and role == "convert":
+        return (
+            f"{name} is a {kind.description}: in the diffusers layout no loader would add a "
+            "UNet back to it; bake it into a standalone ControlNet first ('cndiff apply "
+            f"{name} BASE'), then convert that"
+        )
     if kind.kind == "difference" and role == "control":
         return (
             f"{name} is a difference model (it has the '{DIFFERENCE_KEY}' marker), not a "
@@ -152,7 +168,7 @@ def check_role(ckpt: Checkpoint, role: Role) -> FileKind:
     """The file's kind, or a :class:`CheckpointError` when it is not what ``role`` needs."""
     kind = classify(ckpt.tensors)
     name = escape(ckpt.path.name)
-    ok = kind.is_control if role == "control" else kind.kind == "difference"
+    ok = kind.is_control if role in ("control", "convert") else kind.kind == "difference"
     if role == "difference" and kind.kind == "difference":
         ok = any(k.startswith(CONTROL_PREFIX) for k in ckpt.tensors)
     if not ok:
@@ -174,9 +190,57 @@ def check_base_kind(base: Checkpoint) -> None:
         )
 
 
+#: the weights file of a diffusers model folder, in the order diffusers looks for them
+DIFFUSERS_WEIGHTS = tuple(
+    f"diffusion_pytorch_model{variant}.{ext}"
+    for ext in ("safetensors", "bin")
+    for variant in ("", ".fp16")
+)
+
+
+def model_file(path: str | os.PathLike[str], role: Role = "control") -> Path:
+    """``path``, or for a diffusers model folder its weights file: a ControlNet folder
+    (``config.json`` + ``diffusion_pytorch_model[.fp16].safetensors``), or for a base a
+    pipeline folder's ``unet/``. Other paths are returned as they are (opening them says
+    what is wrong)."""
+    p = Path(path)
+    try:
+        is_dir = p.is_dir()
+    except (OSError, ValueError):
+        return p
+    if not is_dir:
+        return p
+    folders = [p, p / "unet"] if role == "base" else [p, p / "controlnet"]
+    for folder in folders:
+        for name in DIFFUSERS_WEIGHTS:
+            if (folder / name).is_file():
+                return folder / name
+    return p
+
+
+def model_folder(path: Path) -> Path | None:
+    """The diffusers model folder a weights file (``diffusion_pytorch_model*``) belongs to:
+    its folder, or the pipeline folder above ``controlnet/`` or ``unet/``; None for other
+    files."""
+    if not path.name.startswith("diffusion_pytorch_model"):
+        return None
+    folder = path.absolute().parent
+    if folder.name in ("controlnet", "unet") and folder.parent.name:
+        folder = folder.parent
+    return folder
+
+
+def model_stem(path: Path) -> str:
+    """How outputs and messages name a model: the file's stem, or a diffusers model's
+    folder name."""
+    folder = model_folder(path)
+    return folder.name if folder is not None and folder.name else path.stem
+
+
 def open_input(path: str | os.PathLike[str], role: Role = "control") -> tuple[Checkpoint, FileKind]:
-    """Open one file and check it is what ``role`` needs; close it on refusal."""
-    ckpt = open_checkpoint(path)
+    """Open one file (or diffusers model folder) and check it is what ``role`` needs; close
+    it on refusal."""
+    ckpt = open_checkpoint(model_file(path, role))
     try:
         return ckpt, check_role(ckpt, role)
     except BaseException:
@@ -216,7 +280,7 @@ def open_inputs(
                 )
             inputs.base, inputs.base_is_self = ckpt, True
         else:
-            b = open_checkpoint(base)
+            b = open_checkpoint(model_file(base, "base"))
             stack.callback(b.close)
             check_base_kind(b)
             inputs.base = b
