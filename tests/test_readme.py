@@ -48,6 +48,12 @@ def make_files(folder: Path) -> None:
     """What the README's examples name, as tiny synthetic models."""
     arch = synthetic.tiny()
     synthetic.make_base(folder / "v1-5-pruned.ckpt", arch, seed=0)
+    synthetic.make_control(folder / "control_v11p_sd15_canny.pth", arch, seed=11, base_seed=0,
+                           layout="control-only")  # fmt: skip
+    xl = synthetic.tiny(synthetic.SDXL)
+    synthetic.make_diffusers_controlnet(folder / "controlnet-canny-sdxl-1.0", xl, seed=1,
+                                        base_seed=0)  # fmt: skip
+    synthetic.make_base(folder / "sd_xl_base_1.0.safetensors", xl, seed=0)
     synthetic.make_base(folder / "dreamshaper_8.safetensors", arch, seed=8, fmt="safetensors")
     (folder / "models").mkdir()
     for i, name in enumerate(NAMES):
@@ -97,6 +103,10 @@ def test_readme_blocks_run_in_order(tmp_path):
     assert (tmp_path / "control_sd15_canny_dreamshaper_8_fp16.safetensors").exists()
     assert len(list((tmp_path / "diffs").glob("diff_control_sd15_*_fp16.safetensors"))) == 8
     assert (tmp_path / "drop-in_canny_fp16.safetensors").exists()
+    assert (tmp_path / "control_v11p_sd15_canny_fp16.safetensors").exists()
+    assert (tmp_path / "control_sd15_canny_diffusers" / "config.json").exists()
+    assert (tmp_path / "controlnet-canny-sdxl-1.0_fp16.safetensors").exists()
+    assert (tmp_path / "diff_controlnet-canny-sdxl-1.0_fp16.safetensors").exists()
 
 
 def test_readme_setup_blocks_name_real_scripts():

@@ -18,6 +18,7 @@ from typing import Any
 from ..hashes import FileHashes, file_hashes
 from ..inputs import open_checkpoint
 from ..inputs.classify import CONTROL_PREFIX, classify
+from ..inputs.sources import model_file
 from ..text import escape, escape_path
 
 __all__ = ["FileReport", "inspect_file", "LOADERS"]
@@ -29,12 +30,14 @@ LOADERS = {
         "ComfyUI (DiffControlNetLoader)": "same as ControlNetLoader (no difference marker)",
         "sd-webui-controlnet": "loads it as a standalone ControlNet",
         "Forge": "loads it as a standalone ControlNet",
+        "diffusers": "needs the diffusers layout: 'cndiff convert --to diffusers'",
     },
     "pruned-controlnet": {
         "ComfyUI (ControlNetLoader)": "loads it",
         "ComfyUI (DiffControlNetLoader)": "loads it as is (no difference marker)",
         "sd-webui-controlnet": "loads it as a standalone ControlNet",
         "Forge": "loads it as a standalone ControlNet",
+        "diffusers": "needs the diffusers layout: 'cndiff convert --to diffusers'",
     },
     "difference": {
         "ComfyUI (ControlNetLoader)": "WRONG: without a model it warns and uses the raw "
@@ -58,6 +61,18 @@ LOADERS = {
         "ComfyUI (DiffControlNetLoader)": "converts the diffusers layout and loads it",
         "sd-webui-controlnet": "converts the diffusers layout and loads it",
         "Forge": "converts the diffusers layout and loads it",
+        "diffusers": "ControlNetModel.from_pretrained(folder) with its config.json; "
+        "'cndiff convert --to ldm' makes one control_model.* file of it",
+    },
+    "sd-checkpoint": {
+        "cndiff": "a base: extract, verify and apply take its model.diffusion_model.* UNet",
+    },
+    "unet": {
+        "cndiff": "a base: extract, verify and apply take its UNet keys (no prefix)",
+    },
+    "diffusers-unet": {
+        "cndiff": "a base: extract, verify and apply map its diffusers keys onto the ldm "
+        "names (the file, its folder, or a pipeline folder with unet/)",
     },
 }
 
@@ -120,8 +135,10 @@ class FileReport:
 
 def inspect_file(path: str | os.PathLike[str], *, hashes: bool = False,
                  progress: bool = False) -> FileReport:  # fmt: skip
-    """Describe a checkpoint file without loading its tensors; with ``hashes``, also the
-    hashes model sites show (:func:`cndiff.hashes.file_hashes`: one read of the file)."""
+    """Describe a checkpoint file (or a diffusers model folder) without loading its
+    tensors; with ``hashes``, also the hashes model sites show
+    (:func:`cndiff.hashes.file_hashes`: one read of the file)."""
+    path = model_file(path)  # (a diffusers model folder: its weights file)
     with open_checkpoint(path) as ck:
         tensors = ck.tensors
         kind = classify(tensors)
