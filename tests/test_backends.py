@@ -20,14 +20,22 @@ from safetensors.torch import load_file, save_file
 import cndiff
 from cndiff import synthetic
 from cndiff.backends import Raw, select_backend
-from cndiff.backends.numpy_backend import NumpyBackend, cast_from_float32, float8_table
+from cndiff.backends.numpy_backend import (
+    NumpyBackend,
+    cast_from_float32,
+    float8_table,
+    native_kernels,
+)
 from cndiff.backends.torch_backend import TorchBackend
 from cndiff.dtypes import BF16, F8_E4M3, F8_E5M2, F16, F32, by_name
 
 INPUT_DTYPES = ["float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
                 "uint8", "bool", "float8_e4m3fn", "float8_e5m2"]  # fmt: skip
 OUT_DTYPES = ["float16", "bfloat16", "float32"]
-BACKENDS = {"numpy": NumpyBackend(), "torch": TorchBackend("cpu")}
+BACKENDS = {"numpy": NumpyBackend(native=False), "torch": TorchBackend("cpu")}
+if native_kernels is not None:
+    BACKENDS["native"] = NumpyBackend(native=True)
+needs_native = pytest.mark.skipif(native_kernels is None, reason="cndiff._kernels not built")
 
 
 def _all_patterns(step: int) -> np.ndarray:
@@ -52,6 +60,35 @@ def test_float32_casts_match_torch_bit_for_bit(dtype):
         cast_from_float32(x, dtype, out, np.empty(x.size, np.uint32), np.empty(x.size, np.uint32))
     ref = torch.from_numpy(x).to(dtype.to_torch()).view(torch.int16).numpy().view(np.uint16)
     assert np.array_equal(out.view(np.uint16), ref)  # NaN payloads included
+
+
+@needs_native
+@pytest.mark.parametrize("simd", [True, False], ids=["avx2-f16c", "scalar"])
+@pytest.mark.parametrize("dtype", [F16, BF16, F32])
+def test_native_kernels_match_torch_bit_for_bit(dtype, simd):
+    """Both native paths (F16C/AVX2 and the portable scalar loop) against torch, over the
+    same float32 patterns: as a copy (the rounding) and as a subtraction."""
+    u = _all_patterns(251)
+    x = u.view(np.float32)
+    y = np.roll(x, 7)
+    previous = native_kernels.set_simd(simd)
+    try:
+        for op, ref in ((0, torch.from_numpy(x)),
+                        (1, torch.from_numpy(x) - torch.from_numpy(y))):  # fmt: skip
+            out = np.empty(x.size, dtype.numpy)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                m = native_kernels.combine(x, y if op else None, out, op, {F32: 0, F16: 1,
+                                                                          BF16: 2}[dtype])  # fmt: skip
+            want = ref.to(dtype.to_torch()).view(torch.uint8).numpy()
+            got = out.view(np.uint8)
+            both_nan = (np.isnan(x) & np.isnan(y)) if op else np.zeros(x.size, bool)
+            w = dtype.itemsize
+            keep = np.repeat(~both_nan, w)
+            assert np.array_equal(got[keep], want[keep])
+            assert np.isnan(m)  # the patterns hold NaN
+    finally:
+        native_kernels.set_simd(previous)
 
 
 @pytest.mark.parametrize("dtype", [F8_E4M3, F8_E5M2])
@@ -147,6 +184,16 @@ def test_max_abs_reports_nan_and_inf():
     x[0] = np.nan
     for be in BACKENDS.values():
         assert np.isnan(be.combine(None, Raw(x, F32), None, buf, F16))
+
+
+def test_native_and_numpy_paths_write_the_same_files(sd15_pair, tmp_path, monkeypatch):
+    import cndiff.backends.numpy_backend as nb
+
+    control, base = sd15_pair
+    a = cndiff.extract(control, base, tmp_path / "a.safetensors", dtype="bf16")
+    monkeypatch.setattr(nb, "native_kernels", None)  # a machine where nothing was compiled
+    b = cndiff.extract(control, base, tmp_path / "b.safetensors", dtype="bf16")
+    assert a.output.read_bytes() == b.output.read_bytes()
 
 
 def test_select_backend():

@@ -3,6 +3,11 @@
 numpy has no bfloat16 or float8 type and its float32 -> float16 cast converts one element
 at a time, so the conversions are whole-array integer kernels here, bit-exact with
 torch's (checked over every float32 bit pattern for float16, see tests/test_backends.py).
+
+Where the optional native module ``cndiff._kernels`` was built (it is, by ``pip install``
+on a machine with a C compiler), float32 chunks go through its fused kernels instead:
+subtraction, max |d| and rounding in one pass, F16C/AVX2 where the CPU has them. Both paths
+give the same bits; ``NumpyBackend(native=False)`` uses numpy alone.
 """
 
 from __future__ import annotations
@@ -15,6 +20,14 @@ import numpy as np
 from ..dtypes import BF16, F8_E4M3, F8_E5M2, F16, F32, F64, DType
 from ..errors import CndiffError
 from . import Raw
+
+try:
+    from .. import _kernels as native_kernels
+except ImportError:  # not built (no C compiler at install): numpy alone, the same bits
+    native_kernels = None
+
+_KIND = {"float32": 0, "float16": 1, "bfloat16": 2}
+_OP = {None: 0, "sub": 1, "add": 2}
 
 __all__ = [
     "NumpyBackend",
@@ -212,11 +225,15 @@ class NumpyBackend:
     name = "numpy"
     device = "cpu"
 
-    def __init__(self) -> None:
+    def __init__(self, native: bool | None = None) -> None:
+        """``native``: use the native kernels (None: when they were built)."""
         self._local = threading.local()
+        self.kernels = native_kernels if native is not False else None
+        if native and native_kernels is None:
+            raise CndiffError("the native kernels (cndiff._kernels) were not built here")
 
     def __repr__(self) -> str:
-        return "<NumpyBackend cpu>"
+        return f"<NumpyBackend cpu{' native' if self.kernels is not None else ''}>"
 
     def _scratch(self, n: int) -> _Scratch:
         s = getattr(self._local, "scratch", None)
@@ -232,6 +249,13 @@ class NumpyBackend:
     ) -> float:
         n = c.data.size
         s = self._scratch(n)
+        k = self.kernels
+        if k is not None and c.dtype is not F64 and (b is None or b.dtype is not F64) \
+                and not (b is None and c.dtype is out_dtype):  # fmt: skip
+            # one fused pass over float32: d = c op b, max |d|, rounded into out
+            cf = c.data if c.dtype is F32 else to_float32(c, s.c32[:n])
+            bf = None if b is None else b.data if b.dtype is F32 else to_float32(b, s.b32[:n])
+            return k.combine(cf, bf, out, _OP[op if b is not None else None], _KIND[out_dtype.name])
         if b is None:
             if c.dtype is F64:
                 c64 = c.data
@@ -270,9 +294,18 @@ class NumpyBackend:
     def compare(self, e: Raw, b: Raw):
         n = b.data.size
         s = self._scratch(n)
-        eq = e.dtype is b.dtype and bool(np.array_equal(e.data, b.data))
-        ef = e.data if e.dtype is F32 else to_float32(e, s.c32[:n])
+        k = self.kernels
+        if k is not None:
+            eq = e.dtype is b.dtype and k.same_bytes(e.data, b.data)
+        else:
+            eq = e.dtype is b.dtype and bool(np.array_equal(e.data, b.data))
         bf = b.data if b.dtype is F32 else to_float32(b, s.b32[:n])
+        if k is not None and eq:
+            return (True, 0.0, 0.0, 0.0, float(np.dot(bf, bf)) if n else 0.0, n)
+        ef = e.data if e.dtype is F32 else to_float32(e, s.c32[:n])
+        if k is not None and n:
+            mx, sa, sd, sb = k.compare(ef, bf)
+            return (False, mx, sa, sd, sb, n)
         return compare_chunk(ef, bf, eq, s.d32[:n])
 
     def decompose(self, d: np.ndarray, method: str, max_rank: int) -> NumpyDecomposition:

@@ -1,0 +1,332 @@
+/*
+ * cndiff._kernels: the numpy backend's fused float32 kernels, in C.
+ *
+ * Why a native kernel: on x86 numpy converts float32 to float16 one element at a time
+ * (about 5 ns each; numpy issue #28753), and a difference model needs a subtraction, a
+ * max |d| and a rounding over every element: as separate numpy calls that is six passes
+ * over each chunk and most of extract's time. Here one pass does it all, with the F16C
+ * instruction (AVX2) where the CPU has it, and a portable scalar loop elsewhere.
+ *
+ * Every function gives the same bits as the numpy kernels of numpy_backend.py (and as
+ * torch's casts): IEEE float32 subtraction/addition (compiled without contraction or
+ * fast-math), round-to-nearest-even to float16 (F16C, or the same rule in integer steps)
+ * and to bfloat16 (NaN -> 0xFFFF, as torch on x86). tests/test_backends.py checks both
+ * paths against torch and against each other. The GIL is released while they run.
+ *
+ * The module is optional: when it cannot be built, cndiff uses numpy alone.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define CNDIFF_X86 1
+#include <immintrin.h>
+#endif
+
+enum { OP_COPY = 0, OP_SUB = 1, OP_ADD = 2 };
+enum { OUT_F32 = 0, OUT_F16 = 1, OUT_BF16 = 2 };
+
+/* -- scalar conversions (the reference every path must equal) ------------------------- */
+
+static inline uint32_t f32_bits(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
+static inline float bits_f32(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
+
+/* float32 -> float16, round to nearest even; NaN keeps its sign and top payload bits and
+   becomes quiet (what x86's F16C does). */
+static inline uint16_t f16_scalar(float x) {
+    uint32_t u = f32_bits(x);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7FFFFFFFu;
+    uint32_t h;
+    if (a >= 0x477FF000u) {                   /* rounds to 65520 or more, inf, NaN */
+        h = a > 0x7F800000u ? (0x7E00u | ((a >> 13) & 0x3FFu)) : 0x7C00u;
+    } else if (a < 0x38800000u) {             /* below the smallest normal: subnormal */
+        /* a float add rounds it to a multiple of 2^-24, to nearest even */
+        h = f32_bits(bits_f32(a) + 0.5f) - 0x3F000000u;
+    } else {
+        h = (a + 0xC8000FFFu + ((a >> 13) & 1u)) >> 13;
+    }
+    return (uint16_t)(sign | h);
+}
+
+/* float32 -> bfloat16 bits, round to nearest even; NaN -> 0xFFFF (torch on x86). */
+static inline uint16_t bf16_scalar(float x) {
+    uint32_t u = f32_bits(x);
+    if (x != x) return 0xFFFFu;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* -- the fused pass: d = c op b; out = round(d); max |d| ------------------------------------ */
+
+typedef struct {
+    float maxabs;
+    int nan;
+} Stats;
+
+static void combine_scalar(const float *c, const float *b, void *out, Py_ssize_t n, int op,
+                           int kind, Stats *st) {
+    float m = st->maxabs;
+    int nan = st->nan;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        float d = op == OP_SUB ? c[i] - b[i] : op == OP_ADD ? c[i] + b[i] : c[i];
+        float a = fabsf(d);
+        if (a != a) nan = 1;
+        else if (a > m) m = a;
+        if (kind == OUT_F16) ((uint16_t *)out)[i] = f16_scalar(d);
+        else if (kind == OUT_BF16) ((uint16_t *)out)[i] = bf16_scalar(d);
+        else ((float *)out)[i] = d;
+    }
+    st->maxabs = m;
+    st->nan = nan;
+}
+
+#ifdef CNDIFF_X86
+__attribute__((target("avx2,f16c")))
+static void combine_avx2(const float *c, const float *b, void *out, Py_ssize_t n, int op,
+                         int kind, Stats *st) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 vmax = _mm256_setzero_ps();
+    __m256 vnan = _mm256_setzero_ps();
+    const __m256i lsb = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF);
+    const __m256i allones = _mm256_set1_epi32(0xFFFF);
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 d = _mm256_loadu_ps(c + i);
+        if (op == OP_SUB) d = _mm256_sub_ps(d, _mm256_loadu_ps(b + i));
+        else if (op == OP_ADD) d = _mm256_add_ps(d, _mm256_loadu_ps(b + i));
+        __m256 a = _mm256_and_ps(d, absmask);
+        vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+        vmax = _mm256_max_ps(vmax, a); /* (NaN lanes: vnan records them) */
+        if (kind == OUT_F16) {
+            __m128i h = _mm256_cvtps_ph(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            _mm_storeu_si128((__m128i *)((uint16_t *)out + i), h);
+        } else if (kind == OUT_BF16) {
+            __m256i u = _mm256_castps_si256(d);
+            __m256i r = _mm256_srli_epi32(
+                _mm256_add_epi32(_mm256_add_epi32(u, bias),
+                                 _mm256_and_si256(_mm256_srli_epi32(u, 16), lsb)), 16);
+            __m256i isnan = _mm256_castps_si256(_mm256_cmp_ps(d, d, _CMP_UNORD_Q));
+            r = _mm256_blendv_epi8(r, allones, isnan);
+            /* pack the 8 low halves: within-lane packus, then fix the lane order */
+            __m256i p = _mm256_packus_epi32(r, r);
+            p = _mm256_permute4x64_epi64(p, 0x08);
+            _mm_storeu_si128((__m128i *)((uint16_t *)out + i), _mm256_castsi256_si128(p));
+        } else {
+            _mm256_storeu_ps((float *)out + i, d);
+        }
+    }
+    float lanes[8], nans[8];
+    _mm256_storeu_ps(lanes, vmax);
+    _mm256_storeu_ps(nans, vnan);
+    for (int k = 0; k < 8; k++) {
+        if (f32_bits(nans[k])) st->nan = 1;
+        if (lanes[k] > st->maxabs) st->maxabs = lanes[k];
+    }
+    if (i < n) {
+        size_t w = kind == OUT_F32 ? 4 : 2;
+        combine_scalar(c + i, b ? b + i : NULL, (char *)out + i * w, n - i, op, kind, st);
+    }
+}
+
+static int have_avx2_f16c(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    }
+    return cached;
+}
+#endif
+
+/* -- the base check's statistics: b - e ---------------------------------------------------- */
+
+typedef struct {
+    float maxabs;
+    int nan;
+    double sum_abs, sum_sq, sum_sq_b;
+} CompareStats;
+
+static void compare_scalar(const float *e, const float *b, Py_ssize_t n, CompareStats *st) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        float d = b[i] - e[i];
+        float a = fabsf(d);
+        if (a != a) st->nan = 1;
+        else if (a > st->maxabs) st->maxabs = a;
+        st->sum_abs += a;
+        st->sum_sq += (double)a * a;
+        st->sum_sq_b += (double)b[i] * b[i];
+    }
+}
+
+#ifdef CNDIFF_X86
+__attribute__((target("avx2")))
+static void compare_avx2(const float *e, const float *b, Py_ssize_t n, CompareStats *st) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 vmax = _mm256_setzero_ps(), vnan = _mm256_setzero_ps();
+    Py_ssize_t i = 0;
+    while (i + 8 <= n) {
+        /* float32 partial sums over at most 4096 elements, then added in double */
+        __m256 sa = _mm256_setzero_ps(), sd = _mm256_setzero_ps(), sb = _mm256_setzero_ps();
+        Py_ssize_t end = i + 4096 < n ? i + 4096 : n;
+        for (; i + 8 <= end; i += 8) {
+            __m256 bv = _mm256_loadu_ps(b + i);
+            __m256 a = _mm256_and_ps(_mm256_sub_ps(bv, _mm256_loadu_ps(e + i)), absmask);
+            vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+            vmax = _mm256_max_ps(vmax, a);
+            sa = _mm256_add_ps(sa, a);
+            sd = _mm256_add_ps(sd, _mm256_mul_ps(a, a));
+            sb = _mm256_add_ps(sb, _mm256_mul_ps(bv, bv));
+        }
+        float la[8], ld[8], lb[8];
+        _mm256_storeu_ps(la, sa);
+        _mm256_storeu_ps(ld, sd);
+        _mm256_storeu_ps(lb, sb);
+        for (int k = 0; k < 8; k++) {
+            st->sum_abs += la[k];
+            st->sum_sq += ld[k];
+            st->sum_sq_b += lb[k];
+        }
+    }
+    float lanes[8], nans[8];
+    _mm256_storeu_ps(lanes, vmax);
+    _mm256_storeu_ps(nans, vnan);
+    for (int k = 0; k < 8; k++) {
+        if (f32_bits(nans[k])) st->nan = 1;
+        if (lanes[k] > st->maxabs) st->maxabs = lanes[k];
+    }
+    if (i < n) compare_scalar(e + i, b + i, n - i, st);
+}
+#endif
+
+/* -- Python glue --------------------------------------------------------------------------- */
+
+static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *what) {
+    if (PyObject_GetBuffer(obj, view, (writable ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    (void)what;
+    return 0;
+}
+
+static int use_simd = 1;
+
+static PyObject *py_combine(PyObject *self, PyObject *args) {
+    PyObject *co, *bo, *oo;
+    int op, kind;
+    if (!PyArg_ParseTuple(args, "OOOii", &co, &bo, &oo, &op, &kind)) return NULL;
+    if (op < OP_COPY || op > OP_ADD || kind < OUT_F32 || kind > OUT_BF16) {
+        PyErr_SetString(PyExc_ValueError, "bad op or output kind");
+        return NULL;
+    }
+    Py_buffer c, b, o;
+    int have_b = bo != Py_None;
+    if (get_buffer(co, &c, 0, "c") < 0) return NULL;
+    if (have_b && get_buffer(bo, &b, 0, "b") < 0) { PyBuffer_Release(&c); return NULL; }
+    if (get_buffer(oo, &o, 1, "out") < 0) {
+        PyBuffer_Release(&c);
+        if (have_b) PyBuffer_Release(&b);
+        return NULL;
+    }
+    Py_ssize_t n = c.len / 4;
+    size_t w = kind == OUT_F32 ? 4 : 2;
+    int ok = c.len % 4 == 0 && (size_t)o.len >= (size_t)n * w && (!have_b || b.len == c.len)
+             && (have_b || op == OP_COPY);
+    Stats st = {0.0f, 0};
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+#ifdef CNDIFF_X86
+        if (use_simd && have_avx2_f16c())
+            combine_avx2((const float *)c.buf, have_b ? (const float *)b.buf : NULL, o.buf, n,
+                         op, kind, &st);
+        else
+#endif
+            combine_scalar((const float *)c.buf, have_b ? (const float *)b.buf : NULL, o.buf, n,
+                           op, kind, &st);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&c);
+    if (have_b) PyBuffer_Release(&b);
+    PyBuffer_Release(&o);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "buffer sizes do not match");
+        return NULL;
+    }
+    return PyFloat_FromDouble(st.nan ? (double)NAN : (double)st.maxabs);
+}
+
+static PyObject *py_compare(PyObject *self, PyObject *args) {
+    PyObject *eo, *bo;
+    if (!PyArg_ParseTuple(args, "OO", &eo, &bo)) return NULL;
+    Py_buffer e, b;
+    if (get_buffer(eo, &e, 0, "e") < 0) return NULL;
+    if (get_buffer(bo, &b, 0, "b") < 0) { PyBuffer_Release(&e); return NULL; }
+    if (e.len != b.len || e.len % 4) {
+        PyBuffer_Release(&e);
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "buffer sizes do not match");
+        return NULL;
+    }
+    CompareStats st = {0.0f, 0, 0.0, 0.0, 0.0};
+    Py_BEGIN_ALLOW_THREADS
+#ifdef CNDIFF_X86
+    if (use_simd && have_avx2_f16c())
+        compare_avx2((const float *)e.buf, (const float *)b.buf, e.len / 4, &st);
+    else
+#endif
+        compare_scalar((const float *)e.buf, (const float *)b.buf, e.len / 4, &st);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&e);
+    PyBuffer_Release(&b);
+    return Py_BuildValue("dddd", st.nan ? (double)NAN : (double)st.maxabs, st.sum_abs,
+                         st.sum_sq, st.sum_sq_b);
+}
+
+static PyObject *py_same_bytes(PyObject *self, PyObject *args) {
+    PyObject *ao, *bo;
+    if (!PyArg_ParseTuple(args, "OO", &ao, &bo)) return NULL;
+    Py_buffer a, b;
+    if (get_buffer(ao, &a, 0, "a") < 0) return NULL;
+    if (get_buffer(bo, &b, 0, "b") < 0) { PyBuffer_Release(&a); return NULL; }
+    int same = a.len == b.len;
+    if (same) {
+        Py_BEGIN_ALLOW_THREADS
+        same = memcmp(a.buf, b.buf, (size_t)a.len) == 0;
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    return PyBool_FromLong(same);
+}
+
+static PyObject *py_set_simd(PyObject *self, PyObject *arg) {
+    int previous = use_simd;
+    use_simd = PyObject_IsTrue(arg);
+    return PyBool_FromLong(previous);
+}
+
+static PyObject *py_simd(PyObject *self, PyObject *noargs) {
+#ifdef CNDIFF_X86
+    return PyBool_FromLong(use_simd && have_avx2_f16c());
+#else
+    return PyBool_FromLong(0);
+#endif
+}
+
+static PyMethodDef methods[] = {
+    {"combine", py_combine, METH_VARARGS,
+     "combine(c, b, out, op, kind) -> max |d|: d = c op b (float32; op 0 copy, 1 sub, 2 add), "
+     "rounded into out (kind 0 float32, 1 float16, 2 bfloat16 bits); NaN when any d is NaN."},
+    {"compare", py_compare, METH_VARARGS,
+     "compare(e, b) -> (max |b-e|, sum |b-e|, sum (b-e)^2, sum b^2), float32 inputs."},
+    {"same_bytes", py_same_bytes, METH_VARARGS, "same_bytes(a, b) -> whether the bytes are equal."},
+    {"set_simd", py_set_simd, METH_O, "set_simd(on) -> previous: use AVX2/F16C when the CPU can."},
+    {"simd", py_simd, METH_NOARGS, "simd() -> whether the AVX2/F16C path is in use."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels",
+                                    "cndiff's fused float32 kernels (optional).", -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
