@@ -291,3 +291,28 @@ def test_drop_unchanged_base_self_batch_apply_same_bytes(tmp_path):
     a, b = _both(lambda o, be: cndiff.apply_diff(diff.output, base, o, backend=be), tmp_path,
                  "applied.safetensors")  # fmt: skip
     assert a == b
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_verify_figures_are_the_same_with_and_without_native_kernels(
+    pair_factory, tmp_path, monkeypatch, dtype
+):
+    import cndiff.backends.numpy_backend as nb
+
+    control, base = pair_factory(base_dtype=torch.float16, base_fmt="safetensors")
+    d = cndiff.extract(control, base, tmp_path / "d.safetensors", dtype=dtype)
+    t = load_file(str(d.output))
+    k = "control_model.input_blocks.4.1.proj_in.weight"
+    t[k].view(-1)[5] += 1e-2  # one element far off: a failing key
+    bad = tmp_path / "bad.safetensors"
+    save_file(t, str(bad))
+    other = synthetic.make_base(tmp_path / "o.ckpt", synthetic.tiny(), seed=4)
+    runs = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(nb, "native_kernels", None)
+        runs.append([cndiff.verify(p, control, b, check_base=False).to_dict()
+                     for p, b in ((d.output, base), (bad, base), (d.output, other))])  # fmt: skip
+    assert runs[0] == runs[1]
+    assert runs[0][0]["passed"] and runs[0][1]["failing"] == [k] and not runs[0][2]["passed"]

@@ -201,6 +201,220 @@ static void compare_avx2(const float *e, const float *b, Py_ssize_t n, CompareSt
 }
 #endif
 
+/* -- verify: every loader's rebuild against its rounding bound -------------------------------- */
+
+/* precision bits and smallest frexp exponent of a normal number, per kind */
+static const int PREC[3] = {24, 11, 8}, EMIN[3] = {-125, -13, -125};
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    if (e == 0) {
+        float v = (float)m * (1.0f / 16777216.0f); /* m * 2^-24, exact */
+        return sign ? -v : v;
+    }
+    if (e == 31) return bits_f32(sign | 0x7F800000u | (m << 13));
+    return bits_f32(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+/* x rounded to kind (as float32 values), round to nearest even; x finite */
+static inline float round_kind(float x, int kind) {
+    if (kind == OUT_F16) return half_to_float(f16_scalar(x));
+    if (kind == OUT_BF16) return bits_f32((uint32_t)bf16_scalar(x) << 16);
+    return x;
+}
+
+/* half the spacing of kind at |x|: the largest error of one rounding to kind (x a finite
+   float32 value; the same as ldexp(0.5, max(frexp(x).e, emin) - p) in float64) */
+static inline double pow2(int k) { /* 2^k for -1022 <= k <= 1023, exactly */
+    uint64_t u = (uint64_t)(k + 1023) << 52;
+    double v;
+    memcpy(&v, &u, 8);
+    return v;
+}
+
+static inline double half_spacing_f32(float x, int kind) {
+    uint32_t E = (f32_bits(x) >> 23) & 0xFFu; /* (0 for zero and subnormals) */
+    int e = (int)E - 126;
+    if (e < EMIN[kind]) e = EMIN[kind];
+    return pow2(e - PREC[kind] - 1);
+}
+
+typedef struct {
+    int finite;
+    double max_abs[3], max_ratio[3]; /* comfyui, webui, exact */
+} VerifyStats;
+
+static inline void note(VerifyStats *st, int m, double err, double bound) {
+    if (err > st->max_abs[m]) st->max_abs[m] = err;
+    /* divide only where the ratio may be a new maximum (the bound is a small margin
+       around the comparison's rounding) */
+    if (err > st->max_ratio[m] * bound * 0.9999999) {
+        double r = err / bound;
+        if (r > st->max_ratio[m]) st->max_ratio[m] = r;
+    }
+}
+
+#define VERIFY_BODY(ROUND)                                                                       \
+    for (Py_ssize_t i = 0; i < n; i++) {                                                          \
+        float ci = c[i], si = s[i];                                                               \
+        if (!isfinite(ci) || !isfinite(si) || (b && !isfinite(b[i]))) {                          \
+            st->finite = 0;                                                                       \
+            continue;                                                                             \
+        }                                                                                         \
+        if (!b) {                                                                                 \
+            double err = fabs((double)si - (double)ci), bound = half_spacing_f32(ci, D);          \
+            for (int m = 0; m < 3; m++) note(st, m, err, bound);                                  \
+            continue;                                                                             \
+        }                                                                                         \
+        float bi = b[i];                                                                          \
+        float d = ci - bi; /* what extract computed */                                            \
+        double base_err = half_spacing_f32(d, D) + half_spacing_f32(d, OUT_F32);                  \
+        float sb = si + bi;                                                                       \
+        float webui = ROUND(sb, P);                                                               \
+        float comfy = ROUND(si + ROUND(bi, D), D);                                                \
+        double h32 = half_spacing_f32(sb, OUT_F32);                                               \
+        if (!isfinite(sb) || !isfinite(webui) || !isfinite(comfy)) {                              \
+            st->finite = 0;                                                                       \
+            continue;                                                                             \
+        }                                                                                         \
+        note(st, 2, fabs((double)sb - ci), base_err + h32);                                       \
+        note(st, 1, fabs((double)webui - ci), base_err + h32 + half_spacing_f32(webui, P));       \
+        note(st, 0, fabs((double)comfy - ci),                                                     \
+             base_err + half_spacing_f32(bi, D) + h32 + half_spacing_f32(comfy, D));              \
+    }
+
+static void verify_scalar(const float *c, const float *s, const float *b, Py_ssize_t n, int D,
+                          int P, VerifyStats *st) {
+    VERIFY_BODY(round_kind)
+}
+
+#ifdef CNDIFF_X86
+__attribute__((target("f16c"))) static inline float round_kind_f16c(float x, int kind) {
+    if (kind == OUT_F16) return _cvtsh_ss(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT));
+    if (kind == OUT_BF16) return bits_f32((uint32_t)bf16_scalar(x) << 16);
+    return x;
+}
+
+__attribute__((target("avx2,f16c")))
+static void verify_f16c(const float *c, const float *s, const float *b, Py_ssize_t n, int D,
+                        int P, VerifyStats *st) {
+    VERIFY_BODY(round_kind_f16c)
+}
+
+/* 8 float32 values rounded to kind, as float32 values (finite lanes) */
+__attribute__((target("avx2,f16c"))) static inline __m256 round8(__m256 x, int kind) {
+    if (kind == OUT_F16)
+        return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+    if (kind == OUT_BF16) {
+        __m256i u = _mm256_castps_si256(x);
+        __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)),
+                                     _mm256_and_si256(_mm256_srli_epi32(u, 16),
+                                                      _mm256_set1_epi32(1)));
+        return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xFFFF0000u)));
+    }
+    return x;
+}
+
+/* half spacings of kind at 8 float32 values, as two vectors of 4 doubles */
+__attribute__((target("avx2"))) static inline void hs8(__m256 x, int kind, __m256d *lo,
+                                                        __m256d *hi) {
+    __m256i E = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(x), 23),
+                                 _mm256_set1_epi32(0xFF));
+    __m256i e = _mm256_max_epi32(_mm256_sub_epi32(E, _mm256_set1_epi32(126)),
+                                 _mm256_set1_epi32(EMIN[kind]));
+    __m256i k = _mm256_add_epi32(e, _mm256_set1_epi32(1023 - PREC[kind] - 1));
+    *lo = _mm256_castsi256_pd(_mm256_slli_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(k)), 52));
+    *hi = _mm256_castsi256_pd(
+        _mm256_slli_epi64(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(k, 1)), 52));
+}
+
+/* one method's errors and bounds for 8 lanes (two halves of 4 doubles) */
+__attribute__((target("avx2"))) static inline void note8(VerifyStats *st, int m, __m256 r,
+                                                          __m256d c_lo, __m256d c_hi,
+                                                          __m256d b_lo, __m256d b_hi,
+                                                          __m256d *vmax) {
+    const __m256d absmask = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7FFFFFFFFFFFFFFFLL));
+    __m256d e_lo = _mm256_and_pd(_mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(r)), c_lo),
+                                 absmask);
+    __m256d e_hi = _mm256_and_pd(
+        _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(r, 1)), c_hi), absmask);
+    vmax[m] = _mm256_max_pd(vmax[m], _mm256_max_pd(e_lo, e_hi));
+    __m256d t = _mm256_set1_pd(st->max_ratio[m] * 0.9999999);
+    __m256d cand = _mm256_or_pd(_mm256_cmp_pd(e_lo, _mm256_mul_pd(b_lo, t), _CMP_GT_OQ),
+                                _mm256_cmp_pd(e_hi, _mm256_mul_pd(b_hi, t), _CMP_GT_OQ));
+    if (_mm256_movemask_pd(cand)) {
+        double el[8], bl[8];
+        _mm256_storeu_pd(el, e_lo);
+        _mm256_storeu_pd(el + 4, e_hi);
+        _mm256_storeu_pd(bl, b_lo);
+        _mm256_storeu_pd(bl + 4, b_hi);
+        for (int j = 0; j < 8; j++) {
+            double q = el[j] / bl[j];
+            if (q > st->max_ratio[m]) st->max_ratio[m] = q;
+        }
+    }
+}
+
+/* the paired keys (a base tensor) 8 at a time; any lane that is not finite sends its 8
+   elements through the scalar loop */
+__attribute__((target("avx2,f16c")))
+static void verify_avx2(const float *c, const float *s, const float *b, Py_ssize_t n, int D,
+                        int P, VerifyStats *st) {
+    const __m256 inf = _mm256_set1_ps(INFINITY);
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256d vmax[3] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
+        __m256 bv = _mm256_loadu_ps(b + i);
+        __m256 sb = _mm256_add_ps(sv, bv);
+        __m256 webui = round8(sb, P);
+        __m256 comfy = round8(_mm256_add_ps(sv, round8(bv, D)), D);
+        __m256 fin = _mm256_and_ps(
+            _mm256_and_ps(_mm256_cmp_ps(_mm256_and_ps(cv, absmask), inf, _CMP_LT_OQ),
+                          _mm256_cmp_ps(_mm256_and_ps(sv, absmask), inf, _CMP_LT_OQ)),
+            _mm256_and_ps(_mm256_cmp_ps(_mm256_and_ps(bv, absmask), inf, _CMP_LT_OQ),
+                          _mm256_and_ps(
+                              _mm256_cmp_ps(_mm256_and_ps(webui, absmask), inf, _CMP_LT_OQ),
+                              _mm256_cmp_ps(_mm256_and_ps(comfy, absmask), inf, _CMP_LT_OQ))));
+        fin = _mm256_and_ps(fin, _mm256_cmp_ps(_mm256_and_ps(sb, absmask), inf, _CMP_LT_OQ));
+        if (_mm256_movemask_ps(fin) != 0xFF) {
+            verify_f16c(c + i, s + i, b + i, 8, D, P, st);
+            continue;
+        }
+        __m256 d = _mm256_sub_ps(cv, bv);
+        __m256d hd_lo, hd_hi, h32d_lo, h32d_hi, h32sb_lo, h32sb_hi, t_lo, t_hi;
+        hs8(d, D, &hd_lo, &hd_hi);
+        hs8(d, OUT_F32, &h32d_lo, &h32d_hi);
+        hs8(sb, OUT_F32, &h32sb_lo, &h32sb_hi);
+        __m256d be_lo = _mm256_add_pd(_mm256_add_pd(hd_lo, h32d_lo), h32sb_lo);
+        __m256d be_hi = _mm256_add_pd(_mm256_add_pd(hd_hi, h32d_hi), h32sb_hi);
+        __m256d c_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(cv));
+        __m256d c_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(cv, 1));
+        /* exact: base_err + h32(sb) */
+        note8(st, 2, sb, c_lo, c_hi, be_lo, be_hi, vmax);
+        /* webui: + h_P(webui) */
+        hs8(webui, P, &t_lo, &t_hi);
+        note8(st, 1, webui, c_lo, c_hi, _mm256_add_pd(be_lo, t_lo), _mm256_add_pd(be_hi, t_hi),
+              vmax);
+        /* comfyui: + h_D(b) + h_D(comfy) */
+        __m256d u_lo, u_hi;
+        hs8(bv, D, &t_lo, &t_hi);
+        hs8(comfy, D, &u_lo, &u_hi);
+        note8(st, 0, comfy, c_lo, c_hi,
+              _mm256_add_pd(be_lo, _mm256_add_pd(t_lo, u_lo)),
+              _mm256_add_pd(be_hi, _mm256_add_pd(t_hi, u_hi)), vmax);
+    }
+    for (int m = 0; m < 3; m++) {
+        double l[4];
+        _mm256_storeu_pd(l, vmax[m]);
+        for (int j = 0; j < 4; j++)
+            if (l[j] > st->max_abs[m]) st->max_abs[m] = l[j];
+    }
+    if (i < n) verify_f16c(c + i, s + i, b + i, n - i, D, P, st);
+}
+#endif
+
 /* -- Python glue --------------------------------------------------------------------------- */
 
 static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *what) {
@@ -283,6 +497,51 @@ static PyObject *py_compare(PyObject *self, PyObject *args) {
                          st.sum_sq, st.sum_sq_b);
 }
 
+static PyObject *py_verify(PyObject *self, PyObject *args) {
+    PyObject *co, *so, *bo;
+    int D, P;
+    if (!PyArg_ParseTuple(args, "OOOii", &co, &so, &bo, &D, &P)) return NULL;
+    if (D < 0 || D > 2 || P < 0 || P > 2) {
+        PyErr_SetString(PyExc_ValueError, "bad dtype kind");
+        return NULL;
+    }
+    Py_buffer c, s, b;
+    int have_b = bo != Py_None;
+    if (get_buffer(co, &c, 0, "c") < 0) return NULL;
+    if (get_buffer(so, &s, 0, "s") < 0) { PyBuffer_Release(&c); return NULL; }
+    if (have_b && get_buffer(bo, &b, 0, "b") < 0) {
+        PyBuffer_Release(&c);
+        PyBuffer_Release(&s);
+        return NULL;
+    }
+    int ok = c.len == s.len && c.len % 4 == 0 && (!have_b || b.len == c.len);
+    VerifyStats st = {1, {0, 0, 0}, {0, 0, 0}};
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+#ifdef CNDIFF_X86
+        if (use_simd && have_avx2_f16c() && have_b)
+            verify_avx2((const float *)c.buf, (const float *)s.buf, (const float *)b.buf,
+                        c.len / 4, D, P, &st);
+        else if (use_simd && have_avx2_f16c())
+            verify_f16c((const float *)c.buf, (const float *)s.buf, NULL, c.len / 4, D, P, &st);
+        else
+#endif
+            verify_scalar((const float *)c.buf, (const float *)s.buf,
+                          have_b ? (const float *)b.buf : NULL, c.len / 4, D, P, &st);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&c);
+    PyBuffer_Release(&s);
+    if (have_b) PyBuffer_Release(&b);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "buffer sizes do not match");
+        return NULL;
+    }
+    return Py_BuildValue("O(dd)(dd)(dd)", st.finite ? Py_True : Py_False, st.max_abs[0],
+                         st.max_ratio[0], st.max_abs[1], st.max_ratio[1], st.max_abs[2],
+                         st.max_ratio[2]);
+}
+
 static PyObject *py_same_bytes(PyObject *self, PyObject *args) {
     PyObject *ao, *bo;
     if (!PyArg_ParseTuple(args, "OO", &ao, &bo)) return NULL;
@@ -321,6 +580,10 @@ static PyMethodDef methods[] = {
     {"compare", py_compare, METH_VARARGS,
      "compare(e, b) -> (max |b-e|, sum |b-e|, sum (b-e)^2, sum b^2), float32 inputs."},
     {"same_bytes", py_same_bytes, METH_VARARGS, "same_bytes(a, b) -> whether the bytes are equal."},
+    {"verify", py_verify, METH_VARARGS,
+     "verify(c, s, b, D, P) -> (finite, (max_abs, max_ratio) for comfyui, webui, exact): every "
+     "loader's rebuild of control c from diff s (dtype kind D) and base b (None: a copied key; "
+     "P the promoted kind) against its rounding bound (see commands/verify.py)."},
     {"set_simd", py_set_simd, METH_O, "set_simd(on) -> previous: use AVX2/F16C when the CPU can."},
     {"simd", py_simd, METH_NOARGS, "simd() -> whether the AVX2/F16C path is in use."},
     {NULL, NULL, 0, NULL},
