@@ -78,8 +78,8 @@ def test_native_kernels_match_torch_bit_for_bit(dtype, simd):
             out = np.empty(x.size, dtype.numpy)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                m = native_kernels.combine(x, y if op else None, out, op, {F32: 0, F16: 1,
-                                                                          BF16: 2}[dtype])  # fmt: skip
+                kind = {F32: 0, F16: 1, BF16: 2}[dtype]
+                m = native_kernels.combine(x, y if op else None, out, op, kind)
             want = ref.to(dtype.to_torch()).view(torch.uint8).numpy()
             got = out.view(np.uint8)
             both_nan = (np.isnan(x) & np.isnan(y)) if op else np.zeros(x.size, bool)
