@@ -270,3 +270,15 @@ def test_drop_in_torch_output_is_atomic(sd15_pair, tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="no space left"):
         extract_like_original(control, base, tmp_path / "e.pth", dtype="fp16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.pth"]
+
+
+def test_public_names_import_lazily_and_all_resolve():
+    code = (
+        "import sys, cndiff; before = set(sys.modules); "
+        "assert 'cndiff.commands.extract' not in before and 'numpy' not in before; "
+        "assert all(getattr(cndiff, n) is not None for n in cndiff.__all__); "
+        "assert sorted(cndiff.__all__) == sorted(['__version__', *cndiff._LAZY])"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
-from . import __version__
+from ._version import __version__
 from .errors import CndiffError
 from .text import escape
 
