@@ -384,4 +384,4 @@ def test_lora_provenance_metadata(sd15_pair, tmp_path):
     assert meta["cndiff.kind"] == "control-lora"
     assert meta["cndiff.source"] == control.name and meta["cndiff.base"] == base.name
     assert meta["cndiff.rank"] == "2" and meta["cndiff.svd"] == "gram"
-    assert float(meta["cndiff.diff_error"]) == pytest.approx(res.lora.diff_error, rel=1e-5)
+    assert "cndiff.diff_error" not in meta  # (written before the errors are known)

@@ -196,10 +196,7 @@ def export_lora(
     method = SVD_AUTO if options.svd == "auto" else options.svd
     compare = options.check_base and not inputs.base_is_self and inputs.has_embedded_unet
     match = BaseMatchStats() if compare else None
-    final: list[LoraEntry] = []
-    factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     layers: list[LoraLayer] = []
-    t_svd = time.perf_counter()
     todo = [e for e in layout if e.kind != "copy"]
 
     def work(e: LoraEntry):
@@ -208,35 +205,41 @@ def export_lora(
         return _factorize(e, inputs, options, backend, method, compare)
 
     jobs = [e for e in layout if e.kind != "copy" or (compare and e.base_key is not None)]
-    done: dict[str, tuple] = {}
-    # layers are decomposed on ``workers`` threads (LAPACK releases the GIL), one D each,
+    t_svd = time.perf_counter()
+    # Layers are decomposed on ``workers`` threads (LAPACK releases the GIL), one D each,
     # each with a single-threaded BLAS: a threaded BLAS competing with the other workers
-    # (or any other busy core) spins, and one 1280 x 1280 eigh then takes 12 s, not 0.3 s
+    # (or any other busy core) spins, and one 1280 x 1280 eigh then takes 12 s, not 0.3 s.
+    # With a fixed rank every shape is known from the layout: the header is written first
+    # and each layer as soon as its factors are ready (memory: the layers in flight). With
+    # max_error the ranks, and so the header, are known only after every decomposition.
     bar_ctx = progress_bar(len(todo), inputs.name, options.progress, unit="layer")
     with _blas_threads(1 if options.n_workers > 1 else None), bar_ctx as bar:
-        for e, res in zip(jobs, parallel_map(work, jobs, options.n_workers)):
-            done[e.control_key] = res
-            if match is not None and res[3] is not None:
-                match.add(res[3], True)
-            if e.kind != "copy":
-                bar.update(1)
-    for e in layout:
-        if e.kind == "copy":
-            final.append(e)
-            continue
-        fe, fac, layer, _ = done[e.control_key]
-        final.append(fe)
-        layers.append(layer)
-        if fac is not None:
-            factors[fe.control_key] = fac
-        log.debug("%s: %s rank %d, difference error %.5f", escape(layer.key), layer.kind,
-                  layer.rank, layer.diff_error)  # fmt: skip
-    svd_seconds = time.perf_counter() - t_svd
-    keys, params = layout_counts(final)
-    summary = LoraSummary(layers, None if options.max_error is not None else options.lora_rank,
-                          options.max_error, method, options.stability_compatible, params,
-                          svd_seconds)  # fmt: skip
-    result = _write(job, final, factors, options, backend, summary, keys)
+        results = iter(zip(jobs, parallel_map(work, jobs, options.n_workers)))
+
+        def next_result(entry: LoraEntry) -> tuple:
+            for e, res in results:
+                if match is not None and res[3] is not None:
+                    match.add(res[3], True)
+                if e.kind != "copy":
+                    bar.update(1)
+                    layers.append(res[2])
+                if e is entry:
+                    return res
+            raise AssertionError("a layer was not decomposed")
+
+        if options.max_error is None:
+            result = _write(job, layout, next_result, options, backend, layers, method,
+                            t_svd)  # fmt: skip
+        else:
+            done = {e.control_key: next_result(e) for e in todo}
+            final = [done[e.control_key][0] if e.kind != "copy" else e for e in layout]
+            factors = {e.control_key: done[e.control_key][1] for e in todo}
+            result = _write(job, final, lambda e: (e, factors.pop(e.control_key)), options,
+                            backend, layers, method, t_svd)  # fmt: skip
+        for _ in results:  # (only base checks of copied keys may remain)
+            pass
+    summary = result.lora
+    assert summary is not None
     if match is not None and match.keys:
         result.base_match = classify_base(match)
         kind = result.base_match.kind
@@ -279,37 +282,44 @@ def _copy(w: SafetensorsWriter, ck: Checkpoint, key: str, dt: DType, backend: Ba
     return finite
 
 
-def _write(job: Job, final: list[LoraEntry], factors, options: Options, backend: Backend,
-           summary: LoraSummary, keys: int) -> ExtractResult:  # fmt: skip
+def _write(job: Job, final: list[LoraEntry], factors_of, options: Options, backend: Backend,
+           layers: list[LoraLayer], method: str, t_svd: float) -> ExtractResult:  # fmt: skip
+    """Write the file: every entry of ``final`` in order; ``factors_of(entry)`` gives a
+    factorized layer's ``(final entry, (up, down) or None)`` (waiting for it)."""
     dt = options.out_dtype
     inputs = job.inputs
     entries = [OutputEntry(k, dt, s) for e in final for k, s in e.outputs]
     entries.append(OutputEntry(MARKER_KEY, F32, (0,)))
+    keys, params = layout_counts(final)
+    rank = None if options.max_error is not None else options.lora_rank
     extra = {
-        "cndiff.rank": "" if summary.rank is None else str(summary.rank),
-        "cndiff.max_error": "" if summary.max_error is None else f"{summary.max_error:g}",
+        "cndiff.rank": "" if rank is None else str(rank),
+        "cndiff.max_error": "" if options.max_error is None else f"{options.max_error:g}",
         "cndiff.stability_compatible": str(options.stability_compatible).lower(),
-        "cndiff.svd": summary.svd,
-        "cndiff.diff_error": f"{summary.diff_error:.6g}",
+        "cndiff.svd": method,
     }
     meta = build_metadata("control-lora", inputs, options, hashes=job.hashes, extra=extra)
     nonfinite: list[str] = []
     with SafetensorsWriter(job.target, entries, meta, overwrite=options.overwrite) as w:
         for e in final:
-            if e.kind == "lora":
-                up, down = factors.pop(e.control_key)
-                w.write(up)
-                w.write(down)
+            if e.kind == "copy":
+                if not _copy(w, inputs.control, e.control_key, dt, backend, options.chunk_elems):
+                    nonfinite.append(e.key)
                 continue
-            if not _copy(w, inputs.control, e.control_key, dt, backend, options.chunk_elems):
-                nonfinite.append(e.key)
+            fe, fac = factors_of(e)[:2]
+            if fac is not None:
+                w.write(fac[0])
+                w.write(fac[1])
+            elif not _copy(w, inputs.control, e.control_key, dt, backend, options.chunk_elems):
+                nonfinite.append(e.key)  # (a weight stored in full)
         w.write(b"")
         inputs.check_unchanged()
         w.commit()
     if nonfinite:
-        log.warning("%s: %d key(s) hold NaN or infinite values: %s",
-                    inputs.name, len(nonfinite),
-                    describe_keys(nonfinite))  # fmt: skip
+        log.warning("%s: %d key(s) hold NaN or infinite values: %s", inputs.name,
+                    len(nonfinite), describe_keys(nonfinite))  # fmt: skip
+    summary = LoraSummary(layers, rank, options.max_error, method, options.stability_compatible,
+                          params, time.perf_counter() - t_svd)  # fmt: skip
     paired = sum(1 for e in final if e.kind != "copy")
     return ExtractResult(
         source=inputs.control.path,
