@@ -11,7 +11,7 @@ from conftest import assert_bit_equal, naive_diff
 from safetensors.torch import load_file
 
 import cndiff
-from cndiff import extract_many, find_controls, synthetic
+from cndiff import extract_many, synthetic
 from cndiff.cli import main
 
 NAMES = ["canny", "depth", "hed", "mlsd", "normal", "openpose", "scribble", "seg"]
@@ -134,13 +134,14 @@ def test_base_self_batch_equals_base_file(tmp_path):
         assert_bit_equal(load_file(str(x.output)), load_file(str(y.output)))
 
 
-def test_find_controls_lists_other_files_as_skipped(models, tmp_path):
+def test_a_folder_batch_lists_other_files_as_skipped(models, tmp_path):
     folder, base = models
-    controls, skipped = find_controls(folder)
-    assert [c.name for c in controls] == sorted(f"control_sd15_{n}.pth" for n in NAMES)
-    assert [s.source.name for s in skipped] == ["sd15.ckpt"]
-    assert skipped[0].status == "skipped"
-    assert "Stable Diffusion checkpoint" in skipped[0].reason
+    results = extract_many(folder, base, tmp_path)
+    by = {r.source.name: r for r in results}
+    assert sorted(by) == sorted([*(f"control_sd15_{n}.pth" for n in NAMES), "sd15.ckpt"])
+    assert by["sd15.ckpt"].status == "skipped"
+    assert "Stable Diffusion checkpoint" in by["sd15.ckpt"].reason
+    assert all(by[f"control_sd15_{n}.pth"].status == "written" for n in NAMES)
 
 
 def test_cli_batch_summary_and_json(models, tmp_path, capsys):

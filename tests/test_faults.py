@@ -298,7 +298,7 @@ def test_signals_at_any_moment_stop_promptly(slow_pair, tmp_path, delay):
 
 
 def test_killed_run_is_cleaned_up_by_the_next(slow_pair, tmp_path, slow_reference):
-    from cndiff import find_controls
+    from cndiff.commands.extract import candidates
     from cndiff.targets import existing_job
 
     control, base = slow_pair
@@ -313,7 +313,7 @@ def test_killed_run_is_cleaned_up_by_the_next(slow_pair, tmp_path, slow_referenc
     # the leftover is never taken for an output
     assert names(tmp_path) == {tmp.name} and not target.exists()
     assert existing_job(tmp) is None
-    assert tmp.name not in {p.name for p in find_controls(tmp_path)[0]}
+    assert tmp.name not in {p.name for p in candidates(tmp_path)}
     # the next run removes it and writes the output
     result = cndiff.extract(control, base, tmp_path, device="cpu")
     assert names(tmp_path) == {target.name}

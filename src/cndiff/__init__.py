@@ -34,7 +34,6 @@ _LAZY = {
     "convert_many": "commands.convert",
     "extract": "commands.extract",
     "extract_many": "commands.extract",
-    "find_controls": "commands.extract",
     "FileReport": "commands.inspect",
     "inspect_file": "commands.inspect",
     "prune": "commands.prune",
@@ -79,7 +78,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from .commands.apply import apply_diff
     from .commands.convert import convert, convert_many
-    from .commands.extract import extract, extract_many, find_controls
+    from .commands.extract import extract, extract_many
     from .commands.inspect import FileReport, inspect_file
     from .commands.prune import prune, prune_many
     from .commands.verify import VerifyReport, verify
@@ -103,7 +102,6 @@ __all__ = [
     "__version__",
     "extract",
     "extract_many",
-    "find_controls",
     "apply_diff",
     "prune",
     "prune_many",

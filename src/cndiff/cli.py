@@ -302,7 +302,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from .commands.extract import extract_many, find_controls
+    from .commands.extract import extract_many
 
     opts = _options(args)
     if args.base and args.base_opt:
@@ -310,12 +310,11 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     base = args.base_opt or args.base
     if base is None:
         raise CndiffError("name the SD base checkpoint after the folder (or --base self)")
-    controls, others = find_controls(args.models_dir)
-    if not controls:
-        raise CndiffError(f"no ControlNet checkpoints in {escape(args.models_dir)} "
-                          f"({len(others)} other file(s))")  # fmt: skip
+    if not os.path.isdir(args.models_dir):
+        raise CndiffError(f"{escape(args.models_dir)} is not a folder; name the folder holding "
+                          "the models")  # fmt: skip
     out = args.out if args.out is not None else args.models_dir
-    results = list(extract_many(controls, base, out, options=opts)) + others
+    results = extract_many(args.models_dir, base, out, options=opts)
     return _print_results(results, args.json, table=True)
 
 

@@ -15,18 +15,17 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..backends import Backend
-from ..errors import CndiffError, WrongKindError
-from ..inputs import open_checkpoint
-from ..inputs.sources import Inputs, check_role, model_file
+from ..errors import CndiffError
+from ..inputs.sources import Inputs, model_file
 from ..options import Options, build_options
 from ..pipeline import Job, make_job
 from ..plan import plan_extract
 from ..results import BatchResult, ExtractResult
-from ..text import escape, escape_path
+from ..text import escape_path
 from .lora import export_lora
 from .runner import Prepare, refuse_repeats, run_models
 
-__all__ = ["extract", "extract_many", "find_controls", "CHECKPOINT_SUFFIXES"]
+__all__ = ["extract", "extract_many", "candidates", "CHECKPOINT_SUFFIXES"]
 
 log = logging.getLogger("cndiff")
 
@@ -106,17 +105,32 @@ def extract_many(
     ``"self"``. A file named twice, or two models whose outputs would have the same
     name, are refused before any work.
 
-    Returns a :class:`~cndiff.results.BatchResult`: one result per control, in order.
+    ``controls`` may also be one folder: every checkpoint file and diffusers model folder
+    in it (``cndiff batch``); files that are something else (a base, a VAE, a difference
+    model: cndiff's own outputs) are listed as ``skipped`` with what they are, unreadable
+    ones as ``failed``.
+
+    Returns a :class:`~cndiff.results.BatchResult`: one result per file, in order.
     """
     opts = build_options(options, **kwargs)
-    if isinstance(controls, (str, os.PathLike)):
-        controls = [controls]
-    paths = [Path(c) for c in controls]
-    if not paths:
-        raise CndiffError("no ControlNet files given")
-    refuse_repeats(paths)
+    scan = isinstance(controls, (str, os.PathLike)) and Path(controls).is_dir() and \
+        model_file(controls) == Path(controls)  # fmt: skip
+    if scan:
+        paths = candidates(controls)  # type: ignore[arg-type]
+        if not paths:
+            raise CndiffError(f"no checkpoint files in {escape_path(controls)}")
+    else:
+        paths = [Path(controls)] if isinstance(controls, (str, os.PathLike)) else \
+            [Path(c) for c in controls]  # fmt: skip
+        if not paths:
+            raise CndiffError("no ControlNet files given")
+        refuse_repeats(paths)
     prepare = _prepare(out_dir, opts, many=True)
-    return BatchResult(run_models(paths, base, prepare, opts, isolate=True))
+    results = BatchResult(run_models(paths, base, prepare, opts, isolate=True, scan=scan))
+    if scan and not any(r.status != "skipped" or r.output for r in results):
+        raise CndiffError(f"no ControlNet checkpoints in {escape_path(controls)} "
+                          f"({len(results)} other file(s))")  # fmt: skip
+    return results
 
 
 def _prepare(out: PathLike | None, options: Options, *, many: bool) -> Prepare:
@@ -131,37 +145,20 @@ def _prepare(out: PathLike | None, options: Options, *, many: bool) -> Prepare:
     return prepare
 
 
-def find_controls(folder: PathLike) -> tuple[list[Path], list[ExtractResult]]:
-    """The ControlNets in ``folder`` (files ``extract`` can take), and the other
-    checkpoint files: readable ones that are something else (a base, a VAE, a difference
-    model...) as ``skipped`` with the reason, unreadable ones as ``failed``."""
+def candidates(folder: PathLike) -> list[Path]:
+    """The files of ``folder`` a batch looks at: checkpoint files (by their ending) and
+    diffusers model folders, in name order (hidden files left out)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CndiffError(f"{escape_path(folder)} is not a folder; name the folder holding the "
                           "models")  # fmt: skip
-    controls: list[Path] = []
-    others: list[ExtractResult] = []
+    out: list[Path] = []
     for p in sorted(folder.iterdir()):
         if p.name.startswith("."):
             continue
-        if p.is_dir():  # a diffusers model folder counts as one model
-            if model_file(p) == p:
-                continue
-        elif p.suffix.lower() not in CHECKPOINT_SUFFIXES or not p.is_file():
-            continue
-        try:
-            with open_checkpoint(model_file(p)) as ck:
-                check_role(ck, "control")
-        except WrongKindError as exc:  # readable, and something else: skipped
-            others.append(ExtractResult(source=p, output=None, kind="", dtype="",
-                                        status="skipped", reason=str(exc)))  # fmt: skip
-            continue
-        except Exception as exc:  # noqa: BLE001 - unreadable (whatever broke): a failure
-            reason = str(exc) if isinstance(exc, CndiffError) else (
-                f"internal error reading it ({type(exc).__name__}: {escape(str(exc))})"
-            )  # fmt: skip
-            others.append(ExtractResult(source=p, output=None, kind="", dtype="",
-                                        status="failed", reason=reason))  # fmt: skip
-            continue
-        controls.append(p)
-    return controls, others
+        if p.is_dir():
+            if model_file(p) != p:  # a diffusers model folder counts as one model
+                out.append(p)
+        elif p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file():
+            out.append(p)
+    return out

@@ -89,10 +89,13 @@ def run_models(
     isolate: bool,
     kind: str = "",
     role: str = "control",
+    scan: bool = False,
 ) -> list[ExtractResult]:
     """Run ``prepare`` on every model (see the module documentation); one result per
     path, in order. ``base`` is opened once (``"self"``: each control's embedded UNet;
-    None: no base). ``kind`` names what failed models would have been."""
+    None: no base). ``kind`` names what failed models would have been. ``scan``: the paths
+    are a folder's files, and those that are readable but not what the command takes (a
+    base, a VAE, a difference model) are ``skipped`` with what they are."""
     kind = kind or options.format
     backend = select_backend(options.device, options.backend)
     results: dict[int, ExtractResult] = {}
@@ -106,6 +109,10 @@ def run_models(
             try:
                 inputs = open_inputs(path, shared, role=role)
             except WrongKindError as exc:
+                if scan:
+                    results[i] = ExtractResult(source=path, output=None, kind="", dtype="",
+                                               status="skipped", reason=str(exc))  # fmt: skip
+                    continue
                 if exc.kind == "sd-checkpoint" and many and base is not None:
                     # a base among the named ControlNets is a mistake in the command
                     # ("extract control.pth base.ckpt --base self"): refuse the whole run
