@@ -256,3 +256,13 @@ def test_lora_factors_of_the_wrong_rank_fail_verify_structurally(sd15_pair, tmp_
     assert any(m.startswith(module + ".weight") and "2 or more dimensions" in m
                for m in rep.misshaped)  # fmt: skip
     assert np.isfinite(rep.weight_error)
+
+
+def test_the_escape_fast_path_and_the_rule_agree_on_every_code_point():
+    import re
+
+    from cndiff.text import _UNSAFE, _is_unsafe
+
+    rule = "".join(chr(c) for c in range(sys.maxunicode + 1) if _is_unsafe(chr(c)))
+    assert "".join(_UNSAFE.findall("".join(chr(c) for c in range(sys.maxunicode + 1)))) == rule
+    assert re.search(_UNSAFE, "plain ascii key.weight") is None
