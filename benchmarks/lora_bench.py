@@ -1,149 +1,384 @@
-"""Control-LoRA export: SVD methods compared on time and error (CPU, one thread by default).
+#!/usr/bin/env python3
+"""Control-LoRA export: the per-layer decompositions alone, timed per backend, method and
+number of worker threads.
 
-    python benchmarks/lora_bench.py [--control C.pth --base B.ckpt] [--threads 1]
+    python benchmarks/lora_bench.py [--control C --base B] [--rank 128] \\
+        [--methods gram,exact,lowrank] [--backends numpy,torch] [--workers 1,2] [--json F]
 
-Part 1 exports the full-size synthetic SD1.5 pair (``cndiff.synthetic.make_pair(folder)``)
-at rank 128 with each SVD method and prints wall time, SVD time, output size and the
-overall relative error. NOTE: the synthetic differences are i.i.d. Gaussian noise, so they
-are full rank and a rank-128 approximation keeps only a small part of their energy; real
-ControlNet differences have decaying spectra. Part 2 therefore also times one
-1280 x 11520 layer (the largest 3x3 convolution) whose difference is low rank plus noise,
-against a float64 SVD reference, including the Gram matrix in float32 (not offered: shown
-to justify float64).
+What it does, in this order:
+
+1. finds the layers the export factorizes, with the library's own layout:
+   ``lora_layout(plan_pairs(control_view(control), unet_view(base)), rank=R)``, entries of
+   kind ``"lora"`` (a weight whose factors would not be smaller is stored in full,
+   kind ``"weight"``, and is not decomposed; ``"copy"`` entries are not weights);
+2. reads every such layer's difference ``D = float32(control) - float32(base)`` (the
+   ``(out, in*kh*kw)`` matrix) into memory: **not timed** (about 1.4 GB of float32 for
+   SD1.5: 121 layers);
+3. for every backend x method x workers: decomposes all layers exactly as the export does,
+   ``backend.decompose(D, method, r).factors(r, "balanced")`` with ``r`` the entry's rank,
+   on ``workers`` threads inside ``threadpoolctl.threadpool_limits(1, "blas")`` (what the
+   export does with more than one worker: one single-threaded BLAS per worker). Timed:
+   from the first submission to the last result. Only the decompositions: no reading,
+   no rounding to fp16, no error figures, no writing;
+4. per backend x method (outside the timing): the overall relative error
+   ``sqrt(sum ||D - up @ down||^2) / sqrt(sum ||D||^2)`` of the factors at that rank.
+
+Backends: ``numpy`` = ``cndiff.backends.numpy_backend.NumpyBackend()`` (the CPU default);
+``torch`` = ``cndiff.backends.torch_backend.TorchBackend(DEVICE)`` (``--device cuda`` on a
+GPU machine). Note that ``threadpool_limits(1, "blas")`` does not reach torch's own
+thread pool (its MKL is linked statically, its intra-op threads are OpenMP): the torch
+rows run with torch's default threads unless ``--torch-threads N``, as the export does.
+
+The synthetic pair's differences are i.i.d. Gaussian noise (full rank, flat spectrum): a
+rank-128 approximation keeps little of their energy (relative error about 0.88 for SD1.5),
+and the error figures compare the methods, not what real ControlNets lose. ``--one-layer``
+also times one 1280 x 11520 layer whose difference is low rank plus noise against a
+float64 SVD (how close each method gets to the best rank-r error).
+
+``benchmarks/bench.py`` runs this (``--methods gram --backends numpy --workers W`` by
+default) and uses the gram/numpy/W total in the Control-LoRA target; ``--json`` writes
+everything for it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
-import tempfile
+import os
+import platform
+import sys
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Optional
 
-import torch
+import numpy as np
 
-from cndiff.lora import _Decomposition, extract_control_lora
+HERE = Path(__file__).resolve().parent
+try:
+    import cndiff  # noqa: F401
+except ImportError:  # not installed: use the checkout
+    sys.path.insert(0, str(HERE.parent / "src"))
 
 DEFAULT_CONTROL = Path("/tmp/fullsize/control_sd15_synthetic.pth")
 DEFAULT_BASE = Path("/tmp/fullsize/sd15_base_synthetic.ckpt")
+METHODS = ("gram", "exact", "lowrank")
+BACKENDS = ("numpy", "torch")
 
 
-def _row(cells, widths) -> str:
+def default_workers() -> int:
+    """What the export uses without ``--workers``: min(4, CPUs)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+# --------------------------------------------------------------------------------------
+# The layers
+# --------------------------------------------------------------------------------------
+
+
+def load_layers(
+    control: Path, base: Path, rank: int, limit: Optional[int] = None
+) -> tuple[list[Any], list[np.ndarray], dict[str, Any]]:
+    """The entries the export factorizes at ``rank`` and their differences (float32)."""
+    from cndiff.backends import Raw
+    from cndiff.backends.numpy_backend import to_float32
+    from cndiff.inputs import open_checkpoint
+    from cndiff.inputs.sources import model_file
+    from cndiff.inputs.views import control_view, unet_view
+    from cndiff.lora import lora_layout, matrix_dims
+    from cndiff.plan import plan_pairs
+
+    def f32(ck: Any, key: str) -> np.ndarray:
+        info = ck.info(key)
+        out = np.empty(info.numel, np.float32)
+        return to_float32(Raw(ck.read(key).reshape(-1), info.dtype), out)
+
+    t0 = time.perf_counter()
+    with (
+        open_checkpoint(model_file(control, "control")) as ck,
+        open_checkpoint(model_file(base, "base")) as bk,
+    ):
+        cview, bview = control_view(ck.tensors), unet_view(bk.tensors)
+        if cview is None or bview is None:
+            raise SystemExit(f"{control} / {base}: not a ControlNet and an SD base")
+        layout = lora_layout(plan_pairs(cview, bview), rank=rank)
+        kinds = {k: sum(1 for e in layout if e.kind == k) for k in ("lora", "weight", "copy")}
+        entries = [e for e in layout if e.kind == "lora"]
+        if limit is not None:
+            entries = entries[:limit]
+        ds = []
+        for e in entries:
+            d = f32(ck, e.control_key)
+            d -= f32(bk, e.base_key)  # one IEEE subtraction in float32, as the export
+            ds.append(d.reshape(matrix_dims(e.shape)))
+    info = {
+        "layout": kinds,
+        "layers": len(entries),
+        "d_bytes": sum(d.nbytes for d in ds),
+        "read_s": time.perf_counter() - t0,
+        "largest": max((list(d.shape) for d in ds), key=lambda s: s[0] * s[1], default=None),
+    }
+    return entries, ds, info
+
+
+# --------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------
+
+
+def make_backend(name: str, device: str) -> Any:
+    if name == "numpy":
+        from cndiff.backends.numpy_backend import NumpyBackend
+
+        return NumpyBackend()
+    from cndiff.backends.torch_backend import TorchBackend
+
+    return TorchBackend(device)
+
+
+def decompose_all(
+    backend: Any, method: str, entries: Sequence[Any], ds: Sequence[np.ndarray], workers: int
+) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
+    """Seconds to decompose every layer (``workers`` threads, single-threaded BLAS), and
+    the factors (in layer order)."""
+    from threadpoolctl import threadpool_limits
+
+    def one(i: int) -> tuple[np.ndarray, np.ndarray]:
+        r = entries[i].rank
+        up, down, _kept = backend.decompose(ds[i], method, r).factors(r, "balanced")
+        return up, down
+
+    sync: Callable[[], None] = lambda: None  # noqa: E731
+    if getattr(backend, "cuda", False):
+        sync = backend.torch.cuda.synchronize
+    with threadpool_limits(limits=1, user_api="blas"):
+        sync()
+        t0 = time.perf_counter()
+        if workers == 1:
+            out = [one(i) for i in range(len(ds))]
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                out = list(pool.map(one, range(len(ds))))
+        sync()
+        seconds = time.perf_counter() - t0
+    return seconds, out
+
+
+def relative_error(ds: Sequence[np.ndarray], factors: Sequence[tuple[np.ndarray, np.ndarray]]
+                   ) -> float:  # fmt: skip
+    """sqrt(sum ||D - up @ down||^2) / sqrt(sum ||D||^2) over all layers."""
+    num = den = 0.0
+    for d, (up, down) in zip(ds, factors):
+        r = (d - up @ down).reshape(-1).astype(np.float64)
+        v = d.reshape(-1).astype(np.float64)
+        num += float(np.dot(r, r))
+        den += float(np.dot(v, v))
+    return math.sqrt(num / den) if den else 0.0
+
+
+def run_matrix(
+    entries: Sequence[Any],
+    ds: Sequence[np.ndarray],
+    combos: Sequence[tuple[str, str, int]],
+    device: str,
+    torch_threads: Optional[int],
+    repeat: int = 1,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Time every (backend, method, workers) of ``combos``, in that order."""
+    rows: list[dict[str, Any]] = []
+    widths = (7, 8, 7, 9, 11, 8)
+    log(_row(("backend", "method", "workers", "seconds", "rel error", "layers"), widths))
+    backends: dict[str, Any] = {}
+    errors: dict[tuple[str, str], float] = {}
+    for bname, method, w in combos:
+        if bname not in backends:
+            backends[bname] = make_backend(bname, device)
+            if bname == "torch" and torch_threads:
+                backends[bname].torch.set_num_threads(torch_threads)
+        backend = backends[bname]
+        threads = backend.torch.get_num_threads() if bname == "torch" else None
+        times = []
+        factors: list[tuple[np.ndarray, np.ndarray]] = []
+        for _ in range(repeat):
+            s, factors = decompose_all(backend, method, entries, ds, w)
+            times.append(s)
+        if (bname, method) not in errors:  # the same factors whatever the threads
+            errors[bname, method] = relative_error(ds, factors)
+        err = errors[bname, method]
+        del factors
+        row = {
+            "backend": bname,
+            "device": getattr(backend, "device", "cpu"),
+            "method": method,
+            "workers": w,
+            "seconds": min(times),
+            "seconds_all": times,
+            "rel_error": err,
+            "layers": len(ds),
+            "torch_threads": threads,
+        }
+        rows.append(row)
+        log(_row((bname, method, w, f"{row['seconds']:.2f}", f"{err:.6f}", len(ds)), widths))
+    return rows
+
+
+def _row(cells: Sequence[object], widths: Sequence[int]) -> str:
     return "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
 
 
-def full_model(
-    control: Path, base: Path, methods: list[str], rank: int, device: str = "cpu"
-) -> None:
-    print(f"\n== whole model: {control.name} vs {base.name}, rank {rank}, fp16, {device} ==")
-    print("   (synthetic differences are Gaussian noise: full rank, flat spectrum)")
-    head = ["method", "wall s", "factor s", "MB", "params", "rel error", "trunc err", "energy"]
-    widths = [22, 8, 8, 7, 11, 10, 10, 8]
-    print(_row(head, widths))
-    with tempfile.TemporaryDirectory(dir=control.parent) as tmp:
-        runs = [(m, False) for m in methods] + [("gram", True)]
-        for method, stab in runs:
-            out = Path(tmp) / f"{method}{'_stab' if stab else ''}.safetensors"
-            r = extract_control_lora(
-                control,
-                base,
-                out,
-                rank=rank,
-                svd=method,
-                device=device,
-                stability_compatible=stab,
-            )
-            label = method + (" (stability)" if stab else "")
-            print(
-                _row(
-                    [
-                        label,
-                        f"{r.seconds:.1f}",
-                        f"{r.svd_seconds:.1f}",
-                        f"{r.bytes / 1e6:.1f}",
-                        f"{r.params:,}",
-                        f"{r.overall_rel_error:.5f}",
-                        f"{r.overall_trunc_error:.5f}",
-                        f"{r.energy:.4f}",
-                    ],
-                    widths,
-                ),
-                flush=True,
-            )
-            out.unlink()
+def pick(rows: Sequence[dict[str, Any]], backend: str, method: str, workers: int
+         ) -> Optional[dict[str, Any]]:  # fmt: skip
+    return next((r for r in rows if (r["backend"], r["method"], r["workers"]) ==
+                 (backend, method, workers)), None)  # fmt: skip
 
 
-def _lowrank_plus_noise(m: int, n: int, k: int = 64, noise: float = 0.02) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    u, _ = torch.linalg.qr(torch.randn(m, k, generator=g))
-    v, _ = torch.linalg.qr(torch.randn(n, k, generator=g))
-    s = torch.logspace(0, -2, k)  # singular values decaying 1 -> 0.01
-    d = (u * s) @ v.T
-    d += noise * float(s[0]) / math.sqrt(n) * torch.randn(m, n, generator=g)
-    return (d * 0.01).float()
+# --------------------------------------------------------------------------------------
+# One layer with a decaying spectrum (how exact each method is)
+# --------------------------------------------------------------------------------------
 
 
-def one_layer(rank: int) -> None:
-    m, n = 1280, 11520
-    d = _lowrank_plus_noise(m, n)
-    d64 = d.double()
-    u, s, vh = torch.linalg.svd(d64, full_matrices=False)
-    ref = float((s[rank:] ** 2).sum().sqrt() / (s**2).sum().sqrt())
-    print(f"\n== one {m}x{n} layer, rank-64 spectrum (1 -> 0.01) plus noise, rank {rank} ==")
-    print(f"   float64 SVD reference: relative error {ref:.7f}")
-    widths = [22, 8, 12, 12]
-    print(_row(["method", "s", "rel error", "excess"], widths))
-
-    def gram32(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        g = d @ d.T
-        w, v = torch.linalg.eigh(g)
-        ur = v.flip(1)[:, :rank]
-        return ur, ur.T @ d
-
-    cases = [
-        ("exact (svd f32)", lambda: _Decomposition(d, "exact", rank).factors(rank, "balanced")),
-        ("gram (f64, default)", lambda: _Decomposition(d, "gram", rank).factors(rank, "balanced")),
-        ("gram in f32", lambda: gram32(d)),
-        ("lowrank niter=4", lambda: _Decomposition(d, "lowrank", rank).factors(rank, "balanced")),
-    ]
-    for label, fn in cases:
-        t = time.perf_counter()
-        out = fn()
-        dt = time.perf_counter() - t
-        up, down = out[0], out[1]
-        err = float((d64 - up.double() @ down.double()).norm() / d64.norm())
-        print(_row([label, f"{dt:.2f}", f"{err:.7f}", f"{err - ref:+.1e}"], widths), flush=True)
-    for niter in (2, 6):
-        t = time.perf_counter()
-        uu, ss, vv = torch.svd_lowrank(d, q=rank + 10, niter=niter)
-        dt = time.perf_counter() - t
-        a = (uu[:, :rank].double() * ss[:rank].double()) @ vv[:, :rank].double().T
-        err = float((d64 - a).norm() / d64.norm())
-        label = f"lowrank niter={niter}"
-        print(_row([label, f"{dt:.2f}", f"{err:.7f}", f"{err - ref:+.1e}"], widths), flush=True)
+def one_layer(rank: int, backends: Sequence[str], methods: Sequence[str], device: str,
+              m: int = 1280, n: int = 11520) -> list[dict[str, Any]]:  # fmt: skip
+    rng = np.random.default_rng(0)
+    k = 64
+    u, _ = np.linalg.qr(rng.standard_normal((m, k)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, k)))
+    s = np.logspace(0, -2, k)  # singular values decaying 1 -> 0.01
+    d64 = (u * s) @ v.T + 0.02 / math.sqrt(n) * rng.standard_normal((m, n))
+    d = (d64 * 0.01).astype(np.float32)
+    d64 = d.astype(np.float64)
+    sv = np.linalg.svd(d64, compute_uv=False)
+    ref = math.sqrt(float((sv[rank:] ** 2).sum()) / float((sv**2).sum()))
+    print(f"\n== one {m}x{n} layer, rank-{k} spectrum (1 -> 0.01) plus noise, rank {rank} ==")
+    print(f"   float64 SVD: best relative error {ref:.8f}")
+    widths = (7, 8, 8, 12, 10)
+    print(_row(("backend", "method", "seconds", "rel error", "excess"), widths))
+    rows = []
+    for bname in backends:
+        backend = make_backend(bname, device)
+        for method in methods:
+            t0 = time.perf_counter()
+            up, down, _ = backend.decompose(d, method, rank).factors(rank, "balanced")
+            dt = time.perf_counter() - t0
+            r = d64 - up.astype(np.float64) @ down.astype(np.float64)
+            err = float(np.linalg.norm(r) / np.linalg.norm(d64))
+            rows.append({"backend": bname, "method": method, "seconds": dt, "rel_error": err,
+                         "best": ref})  # fmt: skip
+            print(_row((bname, method, f"{dt:.2f}", f"{err:.8f}", f"{err - ref:+.1e}"), widths),
+                  flush=True)  # fmt: skip
+    return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+
+
+def _list(text: str, allowed: Optional[Sequence[str]] = None) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if allowed is not None and t not in allowed]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(allowed or [])}")
+    return items
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--control", type=Path, default=DEFAULT_CONTROL)
     p.add_argument("--base", type=Path, default=DEFAULT_BASE)
     p.add_argument("--rank", type=int, default=128)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--methods", default="gram,exact,lowrank")
-    p.add_argument("--skip-full", action="store_true", help="only the one-layer comparison")
-    p.add_argument("--device", default="cpu", help="where the whole-model SVDs run (cpu/cuda)")
-    a = p.parse_args()
-    torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU")
-    one_layer(a.rank)
-    if not a.skip_full:
-        if not a.control.exists() or not a.base.exists():
+    p.add_argument("--methods", type=lambda t: _list(t, METHODS), default=list(METHODS))
+    p.add_argument("--backends", type=lambda t: _list(t, BACKENDS), default=["numpy", "torch"])
+    p.add_argument(
+        "--workers",
+        type=lambda t: [int(x) for x in _list(t)],
+        default=sorted({1, default_workers()}),
+        help="worker thread counts to time (comma-separated; default 1 and the export's "
+        "default, min(4, CPUs))",
+    )
+    p.add_argument(
+        "--combos",
+        type=_combos,
+        default=None,
+        help="time exactly these BACKEND:METHOD:WORKERS (comma-separated, e.g. "
+        "numpy:gram:2,torch:exact:1) instead of every backend x method x workers",
+    )
+    p.add_argument("--device", default="cpu", help="device of the torch backend (cpu, cuda)")
+    p.add_argument(
+        "--torch-threads", type=int, default=None, help="torch.set_num_threads for torch rows"
+    )
+    p.add_argument("--repeat", type=int, default=1, help="timed passes per row (best kept)")
+    p.add_argument("--max-layers", type=int, default=None, help="only the first N layers")
+    p.add_argument("--one-layer", action="store_true", help="also the one-layer accuracy test")
+    p.add_argument("--json", type=Path, help="write the results here")
+    a = p.parse_args(argv)
+    if a.combos is None:
+        a.combos = [(b, m, w) for b in a.backends for m in a.methods for w in a.workers]
+    if a.rank < 1 or a.repeat < 1 or any(w < 1 for _, _, w in a.combos):
+        p.error("--rank, --repeat and --workers must be at least 1")
+    return a
+
+
+def _combos(text: str) -> list[tuple[str, str, int]]:
+    out = []
+    for item in _list(text):
+        parts = item.split(":")
+        if len(parts) != 3 or parts[0] not in BACKENDS or parts[1] not in METHODS:
+            raise argparse.ArgumentTypeError(f"{item!r}: BACKEND:METHOD:WORKERS, with BACKEND "
+                                             f"in {BACKENDS}, METHOD in {METHODS}")  # fmt: skip
+        try:
+            out.append((parts[0], parts[1], int(parts[2])))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: WORKERS is a number") from None
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    a = parse_args(argv)
+    for f in (a.control, a.base):
+        if not f.exists():
             raise SystemExit(
-                f"{a.control} / {a.base} missing: generate them with "
-                "cndiff.synthetic.make_pair(folder) (full size, ~10 GB)"
+                f"{f} missing: generate a pair with cndiff.synthetic.make_pair(folder) (full "
+                "size: ~10 GB), or run benchmarks/bench.py once"
             )
-        full_model(a.control, a.base, a.methods.split(","), a.rank, a.device)
+    from threadpoolctl import threadpool_info
+
+    blas = [f"{i['internal_api']} ({i['num_threads']} threads)" for i in threadpool_info()
+            if i.get("user_api") == "blas"]  # fmt: skip
+    print(f"python {platform.python_version()}, numpy {np.__version__}, "
+          f"{os.cpu_count()} CPUs, BLAS: {', '.join(blas) or '?'}")  # fmt: skip
+    print(f"{a.control} vs {a.base}, rank {a.rank}")
+    entries, ds, info = load_layers(a.control, a.base, a.rank, a.max_layers)
+    print(
+        f"layout: {info['layout']['lora']} factorized, {info['layout']['weight']} stored in full, "
+        f"{info['layout']['copy']} copied; {info['layers']} differences read "
+        f"({info['d_bytes'] / 1e9:.2f} GB float32, largest {info['largest']}) in "
+        f"{info['read_s']:.1f} s (not timed)",
+        flush=True,
+    )
+    print("\n== all factorized layers: decompose + factors, BLAS 1 thread per worker ==")
+    rows = run_matrix(entries, ds, a.combos, a.device, a.torch_threads, a.repeat,
+                      log=lambda s: print(s, flush=True))  # fmt: skip
+    del ds
+    layer_rows = []
+    if a.one_layer:
+        backends = list(dict.fromkeys(b for b, _, _ in a.combos))
+        methods = list(dict.fromkeys(m for _, m, _ in a.combos))
+        layer_rows = one_layer(a.rank, backends, methods, a.device)
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({
+            "control": str(a.control), "base": str(a.base), "rank": a.rank,
+            "cpus": os.cpu_count(), "default_workers": default_workers(), **info,
+            "rows": rows, "one_layer": layer_rows,
+        }, indent=1))  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
