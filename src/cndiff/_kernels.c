@@ -470,6 +470,73 @@ static PyObject *py_combine(PyObject *self, PyObject *args) {
     return PyFloat_FromDouble(st.nan ? (double)NAN : (double)st.maxabs);
 }
 
+/* combine over consecutive segments [starts[j], starts[j+1]): one call for many small
+   tensors, each segment's max |d| in maxes[j] (NaN when it holds a NaN) */
+static PyObject *py_combine_segments(PyObject *self, PyObject *args) {
+    PyObject *co, *bo, *oo, *so, *mo;
+    int op, kind;
+    if (!PyArg_ParseTuple(args, "OOOiiOO", &co, &bo, &oo, &op, &kind, &so, &mo)) return NULL;
+    if (op < OP_COPY || op > OP_ADD || kind < OUT_F32 || kind > OUT_BF16) {
+        PyErr_SetString(PyExc_ValueError, "bad op or output kind");
+        return NULL;
+    }
+    Py_buffer c, b, o, st, mx;
+    int have_b = bo != Py_None, got = 0;
+    if (get_buffer(co, &c, 0, "c") < 0) return NULL;
+    got = 1;
+    if (have_b && get_buffer(bo, &b, 0, "b") < 0) goto fail;
+    got = 2;
+    if (get_buffer(oo, &o, 1, "out") < 0) goto fail;
+    got = 3;
+    if (get_buffer(so, &st, 0, "starts") < 0) goto fail;
+    got = 4;
+    if (get_buffer(mo, &mx, 1, "maxes") < 0) goto fail;
+    got = 5;
+    {
+        Py_ssize_t n = c.len / 4, k = mx.len / 8;
+        size_t w = kind == OUT_F32 ? 4 : 2;
+        const int64_t *starts = (const int64_t *)st.buf;
+        double *maxes = (double *)mx.buf;
+        int ok = c.len % 4 == 0 && (size_t)o.len >= (size_t)n * w &&
+                 (!have_b || b.len == c.len) && (have_b || op == OP_COPY) &&
+                 st.len == (k + 1) * 8 && mx.len % 8 == 0;
+        for (Py_ssize_t j = 0; ok && j < k; j++)
+            ok = starts[j] >= 0 && starts[j] <= starts[j + 1] && starts[j + 1] <= n;
+        if (!ok) {
+            PyErr_SetString(PyExc_ValueError, "buffer sizes or segments do not match");
+            goto fail;
+        }
+        const float *cb = (const float *)c.buf, *bb = have_b ? (const float *)b.buf : NULL;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t j = 0; j < k; j++) {
+            Stats sj = {0.0f, 0};
+            Py_ssize_t a = starts[j], len = starts[j + 1] - a;
+#ifdef CNDIFF_X86
+            if (use_simd && have_avx2_f16c())
+                combine_avx2(cb + a, bb ? bb + a : NULL, (char *)o.buf + a * w, len, op, kind, &sj);
+            else
+#endif
+                combine_scalar(cb + a, bb ? bb + a : NULL, (char *)o.buf + a * w, len, op, kind,
+                               &sj);
+            maxes[j] = sj.nan ? (double)NAN : (double)sj.maxabs;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&c);
+    if (have_b) PyBuffer_Release(&b);
+    PyBuffer_Release(&o);
+    PyBuffer_Release(&st);
+    PyBuffer_Release(&mx);
+    Py_RETURN_NONE;
+fail:
+    if (got >= 1) PyBuffer_Release(&c);
+    if (got >= 2 && have_b) PyBuffer_Release(&b);
+    if (got >= 3) PyBuffer_Release(&o);
+    if (got >= 4) PyBuffer_Release(&st);
+    if (got >= 5) PyBuffer_Release(&mx);
+    return NULL;
+}
+
 static PyObject *py_compare(PyObject *self, PyObject *args) {
     PyObject *eo, *bo;
     if (!PyArg_ParseTuple(args, "OO", &eo, &bo)) return NULL;
@@ -577,6 +644,9 @@ static PyMethodDef methods[] = {
     {"combine", py_combine, METH_VARARGS,
      "combine(c, b, out, op, kind) -> max |d|: d = c op b (float32; op 0 copy, 1 sub, 2 add), "
      "rounded into out (kind 0 float32, 1 float16, 2 bfloat16 bits); NaN when any d is NaN."},
+    {"combine_segments", py_combine_segments, METH_VARARGS,
+     "combine_segments(c, b, out, op, kind, starts, maxes): combine over the segments "
+     "[starts[j], starts[j+1]) (int64), each one's max |d| into maxes[j] (float64)."},
     {"compare", py_compare, METH_VARARGS,
      "compare(e, b) -> (max |b-e|, sum |b-e|, sum (b-e)^2, sum b^2), float32 inputs."},
     {"same_bytes", py_same_bytes, METH_VARARGS, "same_bytes(a, b) -> whether the bytes are equal."},

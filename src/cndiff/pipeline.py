@@ -115,7 +115,10 @@ def input_hashes(jobs: Sequence[Job], progress: bool) -> None:
 def _kernel(backend: Backend, op: str, dtype: DType, compare: bool) -> Callable[[ChunkIn], tuple]:
     def kernel(ch: ChunkIn) -> tuple:
         out = ch.out[: ch.count * dtype.itemsize].view(dtype.numpy)
-        m = backend.combine(op if ch.b is not None else None, ch.c, ch.b, out, dtype)
+        o = op if ch.b is not None else None
+        if ch.starts is not None:  # a pack of small tensors: a max per tensor
+            return out, backend.combine_many(o, ch.c, ch.b, out, dtype, ch.starts), None
+        m = backend.combine(o, ch.c, ch.b, out, dtype)
         match = backend.compare(ch.e, ch.b) if compare and ch.e is not None else None
         return out, m, match
 
@@ -127,6 +130,14 @@ def _note_max(job: Job, item: PlanItem, m: float) -> None:
     job.max_abs[item.key] = m if (math.isnan(m) or math.isnan(prev)) else max(prev, m)
 
 
+def _note_maxes(job: Job, item: PlanItem, m, ch: ChunkIn) -> None:
+    """Record a chunk's max |d| (a pack's: one per tensor, each a whole tensor)."""
+    if ch.items is None:
+        _note_max(job, item, m)
+    else:
+        job.max_abs.update(zip((i.key for i in ch.items), m.tolist()))
+
+
 def _scan_unchanged(jobs: Sequence[Job], options: Options, backend: Backend, isolate: bool):
     """``drop_unchanged``: find the keys to leave out before writing (the header comes
     first), with a pass over the paired tensors."""
@@ -136,10 +147,10 @@ def _scan_unchanged(jobs: Sequence[Job], options: Options, backend: Backend, iso
         items = [i for i in job.plan.items if i.base_key is not None]
 
         def sink(item: PlanItem, res: tuple, ch: ChunkIn, job: Job = job) -> None:
-            _note_max(job, item, res[1])
+            _note_maxes(job, item, res[1], ch)
 
         streams.append(Stream(items, job.inputs.control, _kernel(backend, job.plan.op, dt, False),
-                              base=job.inputs.base, sink=sink))  # fmt: skip
+                              base=job.inputs.base, sink=sink, packs=True))  # fmt: skip
     total = sum(job.inputs.control.info(i.control_key).nbytes for s, job in zip(streams, jobs)
                 for i in s.items)  # fmt: skip
     label = "scan " + _label(jobs)
@@ -232,7 +243,7 @@ def run_jobs(
                 out, m, match = res
                 assert job.writer is not None
                 job.writer.write(out)
-                _note_max(job, item, m)
+                _note_maxes(job, item, m, ch)
                 if match is not None and job.match is not None:
                     job.match.add(match, first=ch.start == 0)
 
@@ -244,6 +255,7 @@ def run_jobs(
                 sink=sink,
                 on_done=done,
                 embedded_prefix=UNET_PREFIX if compare else None,
+                packs=True,
             )
             streams.append(stream)
             by_stream[id(stream)] = job

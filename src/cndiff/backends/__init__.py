@@ -16,8 +16,11 @@ Both give the same bytes (the suite compares them). The interface:
     ``out = cast(c op b)`` (``op`` ``"sub"`` or ``"add"``; ``b`` None: ``cast(c)``), see
     *Arithmetic* below; returns max ``|c op b|`` (or ``|c|``): NaN when a value is NaN,
     inf when one is infinite;
+``combine_many(op, c, b, out, out_dtype, starts)``
+    ``combine`` over consecutive segments ``[starts[j], starts[j+1])`` (many small tensors
+    read together), each one's max into the returned float64 array;
 ``compare(e, b)``
-    statistics of ``b - e`` for the base check (:class:`~cndiff.fingerprint.MatchChunk`);
+    statistics of ``b - e`` for the base check;
 ``decompose(d, method, max_rank)``
     the SVD of one Control-LoRA difference matrix (:class:`Decomposition`).
 
@@ -44,7 +47,14 @@ from ..dtypes import DType
 from ..errors import CndiffError
 from ..optional import require_torch
 
-__all__ = ["Backend", "Raw", "Decomposition", "select_backend", "OPS"]
+__all__ = [
+    "Backend",
+    "Raw",
+    "Decomposition",
+    "select_backend",
+    "combine_segments",
+    "OPS",
+]
 
 #: the ways ``combine`` joins a control chunk with a base chunk
 OPS = ("sub", "add")
@@ -87,6 +97,11 @@ class Backend(Protocol):
         self, op: str | None, c: Raw, b: Raw | None, out: np.ndarray, out_dtype: DType
     ) -> float: ...
 
+    def combine_many(
+        self, op: str | None, c: Raw, b: Raw | None, out: np.ndarray, out_dtype: DType,
+        starts: np.ndarray,
+    ) -> np.ndarray: ...
+
     def compare(self, e: Raw, b: Raw) -> tuple[bool, float, float, float, float, int]: ...
 
     def decompose(self, d: np.ndarray, method: str, max_rank: int) -> Decomposition: ...
@@ -126,3 +141,15 @@ def select_backend(device: str = "auto", backend: str = "auto") -> Backend:
     from .torch_backend import TorchBackend
 
     return TorchBackend(device)
+
+
+def combine_segments(backend: Backend, op: str | None, c: Raw, b: Raw | None, out: np.ndarray,
+                     out_dtype: DType, starts: np.ndarray) -> np.ndarray:  # fmt: skip
+    """``combine_many`` by one ``combine`` per segment (what backends without a fused
+    version do)."""
+    maxes = np.empty(len(starts) - 1, np.float64)
+    for j in range(len(maxes)):
+        lo, hi = int(starts[j]), int(starts[j + 1])
+        bj = None if b is None else Raw(b.data[lo:hi], b.dtype)
+        maxes[j] = backend.combine(op, Raw(c.data[lo:hi], c.dtype), bj, out[lo:hi], out_dtype)
+    return maxes

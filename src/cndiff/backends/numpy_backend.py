@@ -19,7 +19,7 @@ import numpy as np
 
 from ..dtypes import BF16, F8_E4M3, F8_E5M2, F16, F32, F64, DType
 from ..errors import CndiffError
-from . import Raw
+from . import Raw, combine_segments
 
 try:
     from .. import _kernels as native_kernels
@@ -290,6 +290,22 @@ class NumpyBackend:
         if out_dtype is not F32:
             cast_from_float32(d, out_dtype, out, s.t1[:n], s.t2[:n])
         return m
+
+    def combine_many(self, op: str | None, c: Raw, b: Raw | None, out: np.ndarray,
+                     out_dtype: DType, starts: np.ndarray) -> np.ndarray:  # fmt: skip
+        k = self.kernels
+        if k is None or c.dtype is F64 or (b is not None and b.dtype is F64) or (
+            b is None and c.dtype is out_dtype
+        ):
+            return combine_segments(self, op, c, b, out, out_dtype, starts)
+        n = c.data.size
+        s = self._scratch(n)
+        cf = c.data if c.dtype is F32 else to_float32(c, s.c32[:n])
+        bf = None if b is None else b.data if b.dtype is F32 else to_float32(b, s.b32[:n])
+        maxes = np.empty(len(starts) - 1, np.float64)
+        k.combine_segments(cf, bf, out, _OP[op if b is not None else None],
+                           _KIND[out_dtype.name], starts, maxes)  # fmt: skip
+        return maxes
 
     def compare(self, e: Raw, b: Raw):
         n = b.data.size

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..dtypes import F64, DType
 from ..optional import require_torch
-from . import Raw
+from . import Raw, combine_segments
 
 __all__ = ["TorchBackend"]
 
@@ -94,6 +94,10 @@ class TorchBackend:
             mx = float(m) if m is not None else 0.0
             self._sync()
         return mx
+
+    def combine_many(self, op: str | None, c: Raw, b: Raw | None, out: np.ndarray,
+                     out_dtype: DType, starts: np.ndarray) -> np.ndarray:  # fmt: skip
+        return combine_segments(self, op, c, b, out, out_dtype, starts)
 
     def compare(self, e: Raw, b: Raw):
         torch = self.torch
