@@ -17,7 +17,6 @@ from typing import Any
 
 from . import _version
 from .hashes import FileHashes
-from .inputs.classify import detect_arch
 from .inputs.sources import Inputs
 from .options import Options
 from .targets import JOB_KEY
@@ -81,7 +80,7 @@ def build_metadata(
 ) -> dict[str, str]:
     """The ``__metadata__`` of an output of ``kind`` (``difference``, ``standalone``,
     ``control-lora``) made from ``inputs`` with ``options``."""
-    arch = detect_arch(inputs.control.tensors)
+    arch = inputs.kind.arch  # (read off the shapes once, when the file was opened)
     family = MODELSPEC_ARCH.get(arch.split("-like")[0], "")
     adapter = "control-lora" if kind == "control-lora" else "controlnet"
     record = job_record(kind, inputs, options)

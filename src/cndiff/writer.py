@@ -101,27 +101,32 @@ def build_header(entries: Sequence[OutputEntry], metadata: dict[str, str] | None
     Raises :class:`OutputError` for what a safetensors reader would refuse: a key that is
     not valid Unicode text (a lone surrogate), a duplicate key, a header over 100 MB.
     """
-    header: dict[str, object] = {}
+    # The JSON is assembled piece by piece (a million entries cost about a second, not
+    # the dict-of-dicts json.dumps would take): keys and metadata through json's encoder.
+    enc = json.JSONEncoder(ensure_ascii=False).encode
+    parts: list[str] = []
+    seen: set[str] = {"__metadata__"}
     if metadata:
-        header["__metadata__"] = {_metadata_text(k): _metadata_text(v)
-                                  for k, v in metadata.items()}  # fmt: skip
+        meta = {_metadata_text(k): _metadata_text(v) for k, v in metadata.items()}
+        parts.append('"__metadata__":' + json.dumps(meta, separators=(",", ":"),
+                                                     ensure_ascii=False))  # fmt: skip
     pos = 0
     for e in entries:
-        if e.key in header or e.key == "__metadata__":
+        if e.key in seen:
             raise OutputError(f"two output tensors are named {escape(e.key)!r}")
+        seen.add(e.key)
         if not _unicode_ok(e.key):
             raise OutputError(
                 f"the key {escape(e.key)!r} is not valid Unicode text (a lone surrogate), "
                 "so no safetensors reader could open the output; the input file is corrupt "
                 "or was written by a broken tool"
             )
-        header[e.key] = {
-            "dtype": e.dtype.safetensors,
-            "shape": list(e.shape),
-            "data_offsets": [pos, pos + e.nbytes],
-        }
-        pos += e.nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        end = pos + e.nbytes
+        shape = ",".join(map(str, e.shape))
+        parts.append(f'{enc(e.key)}:{{"dtype":"{e.dtype.safetensors}","shape":[{shape}],'
+                     f'"data_offsets":[{pos},{end}]}}')  # fmt: skip
+        pos = end
+    raw = ("{" + ",".join(parts) + "}").encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     if len(raw) > MAX_HEADER_BYTES:
         raise OutputError(
