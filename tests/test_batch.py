@@ -240,3 +240,21 @@ def test_progress_bars_on_a_terminal_only(models, tmp_path):
     assert piped.returncode == 0
     assert "%|" not in piped.stderr and "\r" not in piped.stderr and "\x1b" not in piped.stderr
     assert all(line.startswith("control_sd15_") for line in piped.stderr.splitlines())
+
+
+def test_progress_bar_draws_its_first_step_at_once(monkeypatch):
+    # tqdm redraws at most every 0.2 s: without a forced redraw a user would first see 0%
+    # for that long (the first step of a job usually comes sooner)
+    import io
+    import sys
+
+    from cndiff.progress import progress_bar
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    with progress_bar(1000, "job", True) as bar:
+        bar.update(250)
+        shown = err.getvalue()
+        bar.update(250)  # (the next ones wait for the interval again)
+        assert err.getvalue() == shown
+    assert " 25%" in shown

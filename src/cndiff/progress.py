@@ -68,6 +68,24 @@ def _redirect_logs(bar) -> Iterator[None]:
         logger.handlers = saved
 
 
+class _Bar:
+    """A tqdm bar whose first step is drawn at once (tqdm waits ``mininterval`` after the
+    bar appears before it redraws, so a user would first see 0% for that long)."""
+
+    def __init__(self, bar) -> None:
+        self.bar = bar
+        self.drawn = False
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        if n and not self.drawn:
+            self.drawn = True
+            self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 @contextlib.contextmanager
 def progress_bar(total: int, desc: str, enabled: bool, unit: str = "B"):
     """A progress bar (a no-op without ``enabled``); use as a context manager."""
@@ -93,6 +111,6 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = "B"):
     )
     try:
         with _redirect_logs(bar):
-            yield bar
+            yield _Bar(bar)
     finally:
         bar.close()
