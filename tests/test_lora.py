@@ -215,6 +215,23 @@ def test_known_low_rank_is_recovered(lowrank_pair, tmp_path, svd, backend):
         assert float((w - c).norm()) <= 1e-5 * float(c.norm()) + 1e-6, layer.key
 
 
+def test_torch_cpu_workers_use_one_thread_each_and_restore_torch(lowrank_pair, tmp_path,
+                                                                monkeypatch):  # fmt: skip
+    # torch's CPU thread count is per thread (OpenMP): each worker must set its own, or
+    # the workers and torch's pool fight over the cores; the caller's setting is restored
+    control, base = lowrank_pair
+    seen = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(n))[1])
+    before = torch.get_num_threads()
+    export(control, base, tmp_path, rank=2, backend="torch", workers=2)
+    assert seen and set(seen[:-1]) == {1} and seen[-1] == before
+    assert torch.get_num_threads() == before
+    seen.clear()
+    export(control, base, tmp_path, rank=2, backend="torch", workers=1, overwrite=True)
+    assert seen == []  # one worker: torch keeps its own pool
+
+
 def test_rebuild_as_loaders_do_within_reported_error(lowrank_pair, tmp_path):
     control, base = lowrank_pair
     res = export(control, base, tmp_path / "r1.safetensors", rank=1)

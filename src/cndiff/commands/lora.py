@@ -199,7 +199,15 @@ def export_lora(
     layers: list[LoraLayer] = []
     todo = [e for e in layout if e.kind != "copy"]
 
+    one_thread = options.n_workers > 1
+    torch_cpu = getattr(backend, "torch", None) if backend.name == "torch" and not getattr(
+        backend, "cuda", False) else None  # fmt: skip
+
     def work(e: LoraEntry):
+        if torch_cpu is not None and one_thread:
+            # torch's CPU pool is per thread (OpenMP): threadpoolctl's limit, set on this
+            # thread, does not reach it; each worker sets its own
+            torch_cpu.set_num_threads(1)
         if e.kind == "copy":  # (only its base check)
             return e, None, None, _compare(e, inputs, backend) if e.base_key else None
         return _factorize(e, inputs, options, backend, method, compare)
@@ -213,31 +221,36 @@ def export_lora(
     # and each layer as soon as its factors are ready (memory: the layers in flight). With
     # max_error the ranks, and so the header, are known only after every decomposition.
     bar_ctx = progress_bar(len(todo), inputs.name, options.progress, unit="layer")
-    with _blas_threads(1 if options.n_workers > 1 else None), bar_ctx as bar:
-        results = iter(zip(jobs, parallel_map(work, jobs, options.n_workers)))
+    saved_torch_threads = torch_cpu.get_num_threads() if torch_cpu is not None else None
+    try:
+        with _blas_threads(1 if one_thread else None), bar_ctx as bar:
+            results = iter(zip(jobs, parallel_map(work, jobs, options.n_workers)))
 
-        def next_result(entry: LoraEntry) -> tuple:
-            for e, res in results:
-                if match is not None and res[3] is not None:
-                    match.add(res[3], True)
-                if e.kind != "copy":
-                    bar.update(1)
-                    layers.append(res[2])
-                if e is entry:
-                    return res
-            raise AssertionError("a layer was not decomposed")
+            def next_result(entry: LoraEntry) -> tuple:
+                for e, res in results:
+                    if match is not None and res[3] is not None:
+                        match.add(res[3], True)
+                    if e.kind != "copy":
+                        bar.update(1)
+                        layers.append(res[2])
+                    if e is entry:
+                        return res
+                raise AssertionError("a layer was not decomposed")
 
-        if options.max_error is None:
-            result = _write(job, layout, next_result, options, backend, layers, method,
-                            t_svd)  # fmt: skip
-        else:
-            done = {e.control_key: next_result(e) for e in todo}
-            final = [done[e.control_key][0] if e.kind != "copy" else e for e in layout]
-            factors = {e.control_key: done[e.control_key][1] for e in todo}
-            result = _write(job, final, lambda e: (e, factors.pop(e.control_key)), options,
-                            backend, layers, method, t_svd)  # fmt: skip
-        for _ in results:  # (only base checks of copied keys may remain)
-            pass
+            if options.max_error is None:
+                result = _write(job, layout, next_result, options, backend, layers, method,
+                                t_svd)  # fmt: skip
+            else:
+                done = {e.control_key: next_result(e) for e in todo}
+                final = [done[e.control_key][0] if e.kind != "copy" else e for e in layout]
+                factors = {e.control_key: done[e.control_key][1] for e in todo}
+                result = _write(job, final, lambda e: (e, factors.pop(e.control_key)), options,
+                                backend, layers, method, t_svd)  # fmt: skip
+            for _ in results:  # (only base checks of copied keys may remain)
+                pass
+    finally:  # (MKL's pool, which torch also sets, is shared by every thread)
+        if saved_torch_threads is not None and one_thread:
+            torch_cpu.set_num_threads(saved_torch_threads)  # type: ignore[union-attr]
     summary = result.lora
     assert summary is not None
     if match is not None and match.keys:
