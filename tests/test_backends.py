@@ -174,6 +174,44 @@ def test_copies_like_torch(backend, out):
         assert np.array_equal(buf.view(np.uint8), _oracle("copy", c, None, out)), cd
 
 
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("out", OUT_DTYPES)
+@pytest.mark.parametrize("cd", ["float32", "float16", "bfloat16", "int8"])
+def test_combine_many_is_combine_per_segment(backend, out, cd):
+    # a pack of small tensors: the bytes torch gives for each, and each one's own max
+    # (NaN only in the segment holding it, inf in its own, empty segments 0)
+    be = BACKENDS[backend]
+    odt = by_name(out)
+    sizes = [3, 0, 17, 1, 40, 9]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    n = int(starts[-1])
+    c, b = _values(cd, n, 7), torch.randn(n, generator=torch.Generator().manual_seed(8))
+    if c.is_floating_point():  # segments: [0,3) [3,3) [3,20) [20,21) [21,61) [61,70)
+        c[:3] = torch.tensor([1.0, -5.0, 2.0]).to(c.dtype)
+        c[3:20] = 0.5
+        c[5] = float("nan")
+        c[20] = float("inf")
+    for op in ("sub", None):
+        buf = np.empty(n, odt.numpy)
+        bb = None if op is None else _raw(b)
+        with np.errstate(all="ignore"):
+            maxes = be.combine_many(op, _raw(c), bb, buf, odt, starts)
+        assert np.array_equal(buf.view(np.uint8), _oracle(op or "copy", c,
+                                                          None if op is None else b, out))
+        want = []
+        for lo, hi in zip(starts[:-1], starts[1:]):
+            d = c[lo:hi].double() if op is None else c[lo:hi].double() - b[lo:hi].double()
+            want.append(float("nan") if d.isnan().any() else float(d.abs().max()) if hi > lo
+                        else 0.0)  # fmt: skip
+        assert maxes.shape == (len(sizes),)
+        np.testing.assert_allclose(maxes, want, rtol=1e-6)  # (NaN where NaN)
+        if c.is_floating_point():
+            assert np.isnan(maxes[2]) and not np.isnan(maxes[0]) and maxes[0] == pytest.approx(
+                5.0 if op is None else float((c[:3].double() - b[:3].double()).abs().max()),
+                rel=1e-6)  # fmt: skip
+            assert maxes[1] == 0.0 and maxes[3] == np.inf and np.isfinite(maxes[5])
+
+
 def test_max_abs_reports_nan_and_inf():
     be = NumpyBackend()
     x = np.array([1.0, -3.0, 2.0], np.float32)
