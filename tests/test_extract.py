@@ -76,6 +76,26 @@ def test_unchanged_keys_kept_with_warning(sd15_pair, tmp_path, caplog):
     assert any(unchanged[0] in rec.getMessage() for rec in caplog.records)
 
 
+def test_zero_control_only_keys_are_not_called_unchanged(tmp_path):
+    # a fresh ControlNet's zero convolutions are all zeros: they have no base to equal,
+    # so they are copied, and neither reported as unchanged nor dropped
+    from safetensors.numpy import save_file
+
+    arch = synthetic.tiny()
+    _, base = synthetic.make_pair(tmp_path, arch, base_fmt="safetensors")
+    c = synthetic.control_arrays(arch, layout="control-only")
+    zero = [k for k in c if ".zero_convs." in k or "middle_block_out" in k]
+    for k in zero:
+        c[k] = c[k] * 0
+    save_file(dict(c), str(tmp_path / "fresh.safetensors"))
+    unchanged = synthetic.unchanged_control_keys(arch, 2)
+    for drop in (False, True):
+        r = cndiff.extract(tmp_path / "fresh.safetensors", base, tmp_path / f"{drop}.safetensors",
+                           drop_unchanged=drop)  # fmt: skip
+        assert sorted(r.dropped if drop else r.unchanged) == sorted(unchanged)
+        assert set(zero) <= set(load_file(str(r.output)))
+
+
 def test_drop_unchanged_reproduces_original(sd15_pair, tmp_path):
     control, base = sd15_pair
     unchanged = synthetic.unchanged_control_keys(synthetic.tiny(), 2)

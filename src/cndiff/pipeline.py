@@ -284,8 +284,10 @@ def _result(job: Job, options: Options, backend: Backend) -> ExtractResult:
     dt = options.out_dtype
     unchanged: list[str] = []
     if job.plan.op == "sub":
+        # (only subtracted keys: a copied key that is all zeros equals no base)
         unchanged = list(job.plan.dropped) if options.drop_unchanged else [
-            k for k, m in job.max_abs.items() if m < UNCHANGED_TOL
+            i.key for i in job.plan.items
+            if i.base_key is not None and job.max_abs.get(i.key, 1.0) < UNCHANGED_TOL
         ]  # fmt: skip
     if unchanged and not options.drop_unchanged:
         log.warning(
