@@ -163,56 +163,66 @@ def _chunks(members: list[tuple[Stream, PlanItem]], chunk: int) -> Iterator[_Tas
         yield _Task(members, start, min(chunk, n - start))
 
 
-def _packable(s: Stream, item: PlanItem, prev: PlanItem | None) -> bool:
-    """A small whole tensor that can join ``prev``'s pack: stored contiguously right after
-    it in the control file (and in the base), of the same dtypes, with no embedded or extra
-    tensor to read."""
-    if not 0 < item.numel <= PACK_MAX or s.embedded_key(item) is not None:
-        return False
-    ci = s.control.info(item.control_key)
-    if ci.stride is not None:
-        return False
-    bi = s.base.info(item.base_key) if item.base_key is not None and s.base else None
-    if bi is not None and bi.stride is not None:
-        return False
-    if prev is None:
-        return True
-    pc = s.control.info(prev.control_key)
-    if ci.dtype is not pc.dtype or ci.offset != pc.offset + pc.nbytes:
-        return False
-    if (item.base_key is None) != (prev.base_key is None):
-        return False
-    if bi is None:
-        return True
-    pb = s.base.info(prev.base_key)  # type: ignore[union-attr, arg-type]
-    return bi.dtype is pb.dtype and bi.offset == pb.offset + pb.nbytes
-
-
 def _packed_tasks(s: Stream, chunk: int) -> Iterator[_Task]:
-    """One stream's tasks, runs of small back-to-back tensors packed together."""
+    """One stream's tasks, runs of small back-to-back tensors packed together.
+
+    A small whole tensor (at most ``PACK_MAX`` elements) joins the pack before it when it
+    is stored contiguously right after it in the control file (and in the base), with
+    the same dtypes, and has no embedded tensor to read. (One pass, with every lookup
+    bound locally: a file may hold a million tensors.)"""
+    cinfo = s.control.info
+    binfo = s.base.info if s.base is not None else None
+    embedded = s.embedded_prefix is not None
+    limit = min(PACK_MAX, chunk)
     pack: list[PlanItem] = []
     total = 0
+    c_end = b_end = -1
+    c_dt = b_dt = None
 
     def flush() -> Iterator[_Task]:
-        nonlocal pack, total
         if len(pack) == 1:
             yield from _chunks([(s, pack[0])], chunk)
         elif pack:
-            yield _Task([(s, pack[0])], 0, total, pack)
-        pack, total = [], 0
+            yield _Task([(s, pack[0])], 0, total, list(pack))
 
     for item in s.items:
         if s.error is not None:
             return
-        if _packable(s, item, pack[-1] if pack else None) and total + item.numel <= chunk:
-            pack.append(item)
-            total += item.numel
-            continue
-        yield from flush()
-        if _packable(s, item, None) and item.numel <= chunk:
-            pack, total = [item], item.numel
-        else:
+        n = item.numel
+        ci = bi = None
+        ok = 0 < n <= limit and not (embedded and s.embedded_key(item) is not None)
+        if ok:
+            ci = cinfo(item.control_key)
+            ok = ci.stride is None
+            if ok and item.base_key is not None and binfo is not None:
+                bi = binfo(item.base_key)
+                ok = bi.stride is None
+        if not ok:
+            yield from flush()
+            pack.clear()
+            total = 0
             yield from _chunks([(s, item)], chunk)
+            continue
+        assert ci is not None
+        joins = (
+            pack
+            and total + n <= chunk
+            and ci.offset == c_end
+            and ci.dtype is c_dt
+            and (bi is None) == (b_dt is None)
+            and (bi is None or (bi.offset == b_end and bi.dtype is b_dt))
+        )
+        if not joins:
+            yield from flush()
+            pack.clear()
+            total = 0
+        pack.append(item)
+        total += n
+        c_end, c_dt = ci.offset + n * ci.dtype.itemsize, ci.dtype
+        if bi is not None:
+            b_end, b_dt = bi.offset + n * bi.dtype.itemsize, bi.dtype
+        else:
+            b_end, b_dt = -1, None
     yield from flush()
 
 

@@ -972,28 +972,37 @@ def _levels(
     return _finish(found, kind, shapes)
 
 
-def _candidates(shapes: Mapping[str, Shape]) -> list[tuple[str, str, str]]:
-    """(layout, kind, prefix) of every model whose marker keys are present."""
+def _candidates(shapes: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(layout, kind, prefix) of every model whose marker keys are present (one pass over
+    the keys: a file may hold a million)."""
     out = []
-    for layout, marker, sibling in _MARKERS:
-        for key in shapes:
-            if key.endswith(marker):
-                prefix = key[: -len(marker)]
-                if prefix and not prefix.endswith("."):
-                    continue
-                if prefix + sibling not in shapes:
-                    continue
-                control = any(prefix + m in shapes for m in _CONTROL_MARKERS[layout])
-                out.append((layout, "controlnet" if control else "unet", prefix))
+    ends = tuple(marker for _, marker, _ in _MARKERS)
+    for key in shapes:
+        if not key.endswith(ends):
+            continue
+        for layout, marker, sibling in _MARKERS:
+            if not key.endswith(marker):
+                continue
+            prefix = key[: -len(marker)]
+            if prefix and not prefix.endswith("."):
+                continue
+            if prefix + sibling not in shapes:
+                continue
+            control = any(prefix + m in shapes for m in _CONTROL_MARKERS[layout])
+            out.append((layout, "controlnet" if control else "unet", prefix))
+    order = {layout: i for i, (layout, _, _) in enumerate(_MARKERS)}
+    out.sort(key=lambda c: order[c[0]])  # (stable: the file's order within a layout)
     return out
 
 
-def _check(layout: str, kind: str, prefix: str, shapes: Mapping[str, Shape]) -> Found:
+def _check(layout: str, kind: str, prefix: str, shapes: Mapping[str, Any]) -> Found:
     """The Found for a candidate, or a LayoutError saying why its keys do not fit."""
     top = _TOP[(layout, kind)]
     n = len(prefix)
     rel = {
-        k[n:]: s for k, s in shapes.items() if k.startswith(prefix) and k[n:].split(".")[0] in top
+        k[n:]: _shape_of(s)
+        for k, s in shapes.items()
+        if k.startswith(prefix) and k[n:].partition(".")[0] in top
     }
     what = f"{prefix or '(no prefix)'}: {layout} {kind}"
     try:
@@ -1026,11 +1035,10 @@ def detect(shapes: Mapping[str, Any]) -> list[Found]:
     ControlNet checkpoint gives two: the ControlNet under ``control_model.`` and the SD
     UNet under ``model.diffusion_model.``.
     """
-    norm = {k: _shape_of(v) for k, v in shapes.items()}
     out = []
-    for layout, kind, prefix in _candidates(norm):
+    for layout, kind, prefix in _candidates(shapes):
         try:
-            out.append(_check(layout, kind, prefix, norm))
+            out.append(_check(layout, kind, prefix, shapes))
         except LayoutError:
             continue
     return out
@@ -1055,13 +1063,12 @@ def infer(shapes: Mapping[str, Any], kind: Optional[Kind] = None) -> Optional[Fo
     """
     if kind not in (None, "unet", "controlnet"):
         raise ValueError(f"kind must be 'unet', 'controlnet' or None, not {kind!r}")
-    norm = {k: _shape_of(v) for k, v in shapes.items()}
-    cands = _candidates(norm)
+    cands = _candidates(shapes)
     for want in ("controlnet", "unet") if kind is None else (kind,):
         mine = [c for c in cands if c[1] == want]
         if not mine:
             continue
-        found = [_check(layout, k, prefix, norm) for layout, k, prefix in mine]
+        found = [_check(layout, k, prefix, shapes) for layout, k, prefix in mine]
         if len(found) > 1:
             places = ", ".join(f"{f.prefix or '(no prefix)'} ({f.layout})" for f in found)
             raise LayoutError(f"the file holds {len(found)} {want}s: {places}")

@@ -138,6 +138,12 @@ def _note_maxes(job: Job, item: PlanItem, m, ch: ChunkIn) -> None:
         job.max_abs.update(zip((i.key for i in ch.items), m.tolist()))
 
 
+def _nbytes(s: Stream) -> int:
+    """The bytes a stream reads from its control file (the progress bar's total)."""
+    info = s.control.info
+    return sum(i.numel * info(i.control_key).dtype.itemsize for i in s.items)
+
+
 def _scan_unchanged(jobs: Sequence[Job], options: Options, backend: Backend, isolate: bool):
     """``drop_unchanged``: find the keys to leave out before writing (the header comes
     first), with a pass over the paired tensors."""
@@ -151,8 +157,7 @@ def _scan_unchanged(jobs: Sequence[Job], options: Options, backend: Backend, iso
 
         streams.append(Stream(items, job.inputs.control, _kernel(backend, job.plan.op, dt, False),
                               base=job.inputs.base, sink=sink, packs=True))  # fmt: skip
-    total = sum(job.inputs.control.info(i.control_key).nbytes for s, job in zip(streams, jobs)
-                for i in s.items)  # fmt: skip
+    total = sum(_nbytes(s) for s in streams)
     label = "scan " + _label(jobs)
     with progress_bar(total, label, options.progress) as bar:
         run_streams(streams, backend, chunk=options.chunk_elems, workers=options.n_workers,
@@ -259,7 +264,7 @@ def run_jobs(
             )
             streams.append(stream)
             by_stream[id(stream)] = job
-        total = sum(s.control.info(i.control_key).nbytes for s in streams for i in s.items)
+        total = sum(_nbytes(s) for s in streams)
         with progress_bar(total, _label(live or jobs), options.progress) as bar:
             run_streams(streams, backend, chunk=options.chunk_elems,
                         workers=options.n_workers, on_progress=bar.update,

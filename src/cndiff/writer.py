@@ -28,7 +28,7 @@ import re
 import stat
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 
 import numpy as np
@@ -64,20 +64,37 @@ _NAME_MAX = 255
 _TMP_EXTRA = 1 + 1 + 10 + 1 + 8 + len(_TMP_SUFFIX)
 
 
-@dataclass(frozen=True)
 class OutputEntry:
-    """One tensor of the output: key, dtype and shape (its bytes follow later)."""
+    """One tensor of the output: key, dtype and shape (its bytes follow later). Treat it as
+    read-only (a slotted class: an output may hold a million entries)."""
+
+    __slots__ = ("key", "dtype", "shape", "nbytes")
 
     key: str
     dtype: DType
     shape: tuple[int, ...]
+    #: the tensor's size in bytes
+    nbytes: int
 
-    @property
-    def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+    def __init__(self, key: str, dtype: DType, shape: tuple[int, ...]) -> None:
+        self.key = key
+        self.dtype = dtype
+        self.shape = tuple(shape)
+        self.nbytes = prod(self.shape) * dtype.itemsize
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, OutputEntry) and (self.key, self.dtype, self.shape) == (
+            other.key, other.dtype, other.shape)  # fmt: skip
+
+    def __hash__(self) -> int:
+        return hash((self.key, self.dtype, self.shape))
+
+    def __repr__(self) -> str:
+        return f"OutputEntry({escape(self.key)!r}, {self.dtype.name}, {list(self.shape)})"
+
+
+#: what json escapes in a string (with ensure_ascii=False)
+_JSON_SPECIAL = re.compile(r'[\x00-\x1f"\\]')
 
 
 def _unicode_ok(text: str) -> bool:
@@ -102,31 +119,39 @@ def build_header(entries: Sequence[OutputEntry], metadata: dict[str, str] | None
     not valid Unicode text (a lone surrogate), a duplicate key, a header over 100 MB.
     """
     # The JSON is assembled piece by piece (a million entries cost about a second, not
-    # the dict-of-dicts json.dumps would take): keys and metadata through json's encoder.
-    enc = json.JSONEncoder(ensure_ascii=False).encode
+    # the dict-of-dicts json.dumps would take); keys go through json's encoder unless none
+    # of them holds a character it would escape. The checks run over all keys at once.
+    keys = [e.key for e in entries]
+    if len(set(keys)) != len(keys) or "__metadata__" in keys:
+        seen: set[str] = {"__metadata__"}
+        for k in keys:
+            if k in seen:
+                raise OutputError(f"two output tensors are named {escape(k)!r}")
+            seen.add(k)
     parts: list[str] = []
-    seen: set[str] = {"__metadata__"}
     if metadata:
         meta = {_metadata_text(k): _metadata_text(v) for k, v in metadata.items()}
         parts.append('"__metadata__":' + json.dumps(meta, separators=(",", ":"),
                                                      ensure_ascii=False))  # fmt: skip
+    enc = json.JSONEncoder(ensure_ascii=False).encode
+    plain = _JSON_SPECIAL.search("".join(keys)) is None
     pos = 0
     for e in entries:
-        if e.key in seen:
-            raise OutputError(f"two output tensors are named {escape(e.key)!r}")
-        seen.add(e.key)
-        if not _unicode_ok(e.key):
-            raise OutputError(
-                f"the key {escape(e.key)!r} is not valid Unicode text (a lone surrogate), "
-                "so no safetensors reader could open the output; the input file is corrupt "
-                "or was written by a broken tool"
-            )
         end = pos + e.nbytes
+        key = f'"{e.key}"' if plain else enc(e.key)
         shape = ",".join(map(str, e.shape))
-        parts.append(f'{enc(e.key)}:{{"dtype":"{e.dtype.safetensors}","shape":[{shape}],'
+        parts.append(f'{key}:{{"dtype":"{e.dtype.safetensors}","shape":[{shape}],'
                      f'"data_offsets":[{pos},{end}]}}')  # fmt: skip
         pos = end
-    raw = ("{" + ",".join(parts) + "}").encode("utf-8")
+    try:
+        raw = ("{" + ",".join(parts) + "}").encode("utf-8")
+    except UnicodeEncodeError:
+        bad = next(k for k in keys if not _unicode_ok(k))
+        raise OutputError(
+            f"the key {escape(bad)!r} is not valid Unicode text (a lone surrogate), "
+            "so no safetensors reader could open the output; the input file is corrupt "
+            "or was written by a broken tool"
+        ) from None
     raw += b" " * (-len(raw) % 8)
     if len(raw) > MAX_HEADER_BYTES:
         raise OutputError(

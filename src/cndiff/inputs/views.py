@@ -73,7 +73,7 @@ class View:
 
 def _infer(tensors: Mapping[str, TensorInfo], kind: str, name: str) -> layouts.Found | None:
     try:
-        return layouts.infer({k: t.shape for k, t in tensors.items()}, kind)  # type: ignore[arg-type]
+        return layouts.infer(tensors, kind)  # type: ignore[arg-type]
     except layouts.LayoutError as exc:
         raise CheckpointError(
             f"{name}: its keys look like a diffusers {kind} but do not fit a layout cndiff "
@@ -85,7 +85,7 @@ def architecture(tensors: Mapping[str, TensorInfo]) -> layouts.UNetConfig | None
     """The architecture of the ControlNet (else the UNet) in a file, when its keys match a
     layout :mod:`cndiff.layouts` derives (None for odd or partial files)."""
     try:
-        found = layouts.infer({k: t.shape for k, t in tensors.items()})  # type: ignore[arg-type]
+        found = layouts.infer(tensors)  # type: ignore[arg-type]
     except layouts.LayoutError:
         return None
     return found.config if found is not None else None
