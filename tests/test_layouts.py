@@ -9,6 +9,7 @@ import doctest
 import json
 import math
 import os
+import types
 from pathlib import Path
 
 import pytest
@@ -513,3 +514,21 @@ def test_infer_is_bounded_on_hostile_keys():
     dif = _file(SDXL, "diffusers", "unet", "")
     with pytest.raises(L.LayoutError):
         L.infer({**dif, "down_blocks.7777777.resnets.0.conv1.weight": [1, 1, 3, 3]})
+
+
+def test_key_search_is_exact_when_keys_hold_nul_and_separators():
+    """The marker and prefix searches run over the joined key names: a key holding a NUL
+    (legal in JSON and in pickles) neither fakes a model nor hides a real one."""
+    from cndiff.inputs.classify import classify
+
+    good = _file(SD1, "ldm", "controlnet", CONTROL_PREFIX)
+    fake = {"x\0" + k: s for k, s in good.items()}  # every name preceded by junk and a NUL
+    assert L.detect(fake) == [] and L.infer(fake) is None
+    infos = {k: types.SimpleNamespace(shape=tuple(s)) for k, s in fake.items()}
+    assert classify(infos).kind == "unknown"
+    both = {**good, **fake, "a\0": [1], "\0": [1]}
+    assert [(f.layout, f.kind, f.prefix) for f in L.detect(both)] == [
+        ("ldm", "controlnet", CONTROL_PREFIX)
+    ]
+    infos = {k: types.SimpleNamespace(shape=tuple(s)) for k, s in {**good, **fake}.items()}
+    assert classify(infos).kind == "pruned-controlnet"

@@ -973,25 +973,27 @@ def _levels(
 
 
 def _candidates(shapes: Mapping[str, Any]) -> list[tuple[str, str, str]]:
-    """(layout, kind, prefix) of every model whose marker keys are present (one pass over
-    the keys: a file may hold a million)."""
+    """(layout, kind, prefix) of every model whose marker keys are present. The markers
+    are found by a C-level search of the joined key names (a file may hold a million
+    keys), each key ending at a NUL; a key that itself holds a NUL is not a model key."""
+    joined = "\0" + "\0".join(shapes) + "\0"
     out = []
-    ends = tuple(marker for _, marker, _ in _MARKERS)
-    for key in shapes:
-        if not key.endswith(ends):
-            continue
-        for layout, marker, sibling in _MARKERS:
-            if not key.endswith(marker):
-                continue
+    for layout, marker, sibling in _MARKERS:
+        needle = marker + "\0"
+        pos = joined.find(needle)
+        while pos != -1:
+            start = joined.rfind("\0", 0, pos) + 1
+            key = joined[start : pos + len(marker)]
+            pos = joined.find(needle, pos + 1)
             prefix = key[: -len(marker)]
-            if prefix and not prefix.endswith("."):
+            if key not in shapes or (prefix and not prefix.endswith(".")):
                 continue
             if prefix + sibling not in shapes:
                 continue
             control = any(prefix + m in shapes for m in _CONTROL_MARKERS[layout])
-            out.append((layout, "controlnet" if control else "unet", prefix))
-    order = {layout: i for i, (layout, _, _) in enumerate(_MARKERS)}
-    out.sort(key=lambda c: order[c[0]])  # (stable: the file's order within a layout)
+            cand = (layout, "controlnet" if control else "unet", prefix)
+            if cand not in out:  # (a NUL inside a longer key can repeat a real one)
+                out.append(cand)
     return out
 
 
@@ -999,11 +1001,9 @@ def _check(layout: str, kind: str, prefix: str, shapes: Mapping[str, Any]) -> Fo
     """The Found for a candidate, or a LayoutError saying why its keys do not fit."""
     top = _TOP[(layout, kind)]
     n = len(prefix)
-    rel = {
-        k[n:]: _shape_of(s)
-        for k, s in shapes.items()
-        if k.startswith(prefix) and k[n:].partition(".")[0] in top
-    }
+    heads = tuple(f"{prefix}{t}." for t in top)
+    exact = {prefix + t for t in top}
+    rel = {k[n:]: _shape_of(s) for k, s in shapes.items() if k.startswith(heads) or k in exact}
     what = f"{prefix or '(no prefix)'}: {layout} {kind}"
     try:
         cfg = (_read_ldm if layout == "ldm" else _read_diffusers)(rel, kind)
