@@ -29,7 +29,7 @@ import numpy as np
 
 from ..dtypes import DType, by_safetensors
 from ..errors import CheckpointError
-from ..text import safe_repr
+from ..text import escape_path, safe_repr
 from .unpickle import (
     MAX_NDIM,
     Opaque,
@@ -125,6 +125,11 @@ class Checkpoint:
     # the last non-contiguous tensor read, materialized once for all its chunks
     _strided: tuple[str, np.ndarray, list[int]] | None = field(default=None, repr=False)
     _strided_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._fd < 0 else "open"
+        return (f"<Checkpoint {escape_path(self.path.name, 60)} {self.format}, "
+                f"{len(self.tensors)} tensors, {self.size:,} bytes, {state}>")  # fmt: skip
 
     def __enter__(self) -> Checkpoint:
         return self
