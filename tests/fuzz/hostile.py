@@ -52,6 +52,11 @@ APPEND = b"a"
 APPENDS = b"e"
 TUPLE = b"t"
 TUPLE1 = b"\x85"
+TUPLE2 = b"\x86"
+EMPTY_SET = b"\x8f"
+ADDITEMS = b"\x90"
+FROZENSET = b"\x91"
+NEWOBJ = b"\x81"
 LIST = b"l"
 REDUCE = b"R"
 BUILD = b"b"
@@ -126,6 +131,25 @@ def op_tensor(storage: bytes, offset: int, shape, stride) -> bytes:
     )
 
 
+def dag_tuple(depth: int, base: int = 0) -> bytes:
+    """A tuple of ``depth`` levels, each level the previous one twice (through the memo,
+    slots ``base`` to ``base + depth``): ``6 * depth`` bytes, ``2**depth`` leaves when
+    walked (hashed, compared, printed)."""
+    out = EMPTY_TUPLE + op_put(base) + POP
+    for k in range(depth):
+        out += op_get(base + k) + op_get(base + k) + TUPLE2 + op_put(base + k + 1) + POP
+    return out + op_get(base + depth)
+
+
+#: Python hashes an int as its value modulo this: k * HASH_MODULUS all hash to 0
+HASH_MODULUS = 2**61 - 1
+
+
+def colliding_ints(n: int) -> list[int]:
+    """``n`` different ints with the same hash (a dict of them: n**2 / 2 comparisons)."""
+    return [k * HASH_MODULUS for k in range(1, n + 1)]
+
+
 def pickle_of(body: bytes) -> bytes:
     return PROTO2 + body + STOP
 
@@ -159,6 +183,20 @@ def torch_zip(
         for key, data in storages.items():
             z.writestr(f"{prefix}/data/{key}", data, compress_type=storage_compress)
         z.writestr(f"{prefix}/version", b"3\n")
+    return buf.getvalue()
+
+
+def zip_entries(entries: list[tuple[str, bytes]]) -> bytes:
+    """A zip archive of exactly these (name, data) records, in this order, stored; names
+    may repeat (zipfile warns, and writes them)."""
+    import warnings
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+            for name, data in entries:
+                z.writestr(name, data)
     return buf.getvalue()
 
 
