@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fuzz.differential import compare
 from fuzz.hostile import (
     ADDITEMS,
     APPEND,
@@ -676,6 +677,24 @@ def test_round_two(case, tmp_path):
         assert printable(outcome.message), ascii(outcome.message)
 
 
+# where the reference readers can read them at all (a hash flood would take them minutes)
+_SLOW_FOR_TORCH = {
+    "pkl_dag_tuple_key", "pkl_dag_tuple_in_frozenset", "pkl_ordered_dict_called_on_one_big_list",
+    "pkl_encode_called_on_one_big_string", "pkl_colliding_int_keys", "pkl_colliding_tuple_keys",
+    "pkl_colliding_set_members", "pkl_call_with_200000_arguments", "pkl_torch_size_of_200000",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c not in _SLOW_FOR_TORCH])
+def test_round_two_against_the_reference_readers(case, tmp_path):
+    """Each case read by torch.load(weights_only=True) or safetensors too: they agree with
+    cndiff, or the disagreement is a named exception of fuzz/differential.py."""
+    suffix = ".safetensors" if case.startswith("st_") else ".pth"
+    path = tmp_path / f"case{suffix}"
+    path.write_bytes(CASES[case][0]())
+    compare(path)
+
+
 def test_duplicate_entries_are_refused_whichever_copy_torch_reads(tmp_path):
     """torch 2.13 reads the first copy of a duplicated storage (zipfile the last): cndiff
     read the one torch does not. Both copies refused, in either order."""
@@ -687,6 +706,30 @@ def test_duplicate_entries_are_refused_whichever_copy_torch_reads(tmp_path):
         )  # fmt: skip
         with pytest.raises(CheckpointError, match="two entries named"):
             open_checkpoint(path)
+
+
+def test_stored_booleans_read_as_0_or_1(tmp_path):
+    """A bool storage holding 0x30: torch (and numpy) read it as True, but cndiff handed
+    the raw byte on, which compares and writes unlike True (found by atheris)."""
+    raw = b"\x30\x01\x00\xff"
+    zpath = tmp_path / "b.pth"
+    zpath.write_bytes(
+        in_zip(sd(("b", tensor(storage="BoolStorage", numel=4, shape=(4,))),
+                  ("t", op_tensor(op_storage("0", 4, "BoolStorage"), 0, (2, 2), (1, 2)))),
+               {"0": raw})
+    )  # fmt: skip
+    spath = tmp_path / "b.safetensors"
+    spath.write_bytes(
+        safetensors_file(b'{"b":{"dtype":"BOOL","shape":[4],"data_offsets":[0,4]}}', raw)
+    )
+    for path in (zpath, spath):
+        with open_checkpoint(path) as ck:
+            assert ck.read("b").view(np.uint8).tolist() == [1, 1, 0, 1]
+            out = np.empty(3, dtype=np.bool_)
+            assert ck.read_into("b", out, 1).view(np.uint8).tolist() == [1, 0, 1]
+            if "t" in ck.tensors:
+                assert ck.read("t").view(np.uint8).tolist() == [[1, 0], [1, 1]]
+        compare(path)
 
 
 def test_ordered_dict_state_leaves_plain_data():

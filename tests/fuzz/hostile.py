@@ -19,6 +19,7 @@ import io
 import json
 import os
 import pickle
+import re
 import struct
 import sys
 import time
@@ -385,11 +386,20 @@ class Outcome:
     peak: int | None = None
 
 
+#: what may not appear in a message: control characters (ESC, BEL, CR, LF...), bidi
+#: overrides, lone surrogates (not printable, not encodable as UTF-8)
+UNPRINTABLE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029"
+    "\ufeff\ud800-\udfff]"
+)
+
+
 def _check_message(exc: CndiffError) -> str:
     msg = str(exc)
     assert msg, f"{type(exc).__name__} without a message"
     assert "\n" not in msg, f"multi-line message: {msg!r:.300}"
     assert len(msg) < 1000, f"message of {len(msg)} characters: {msg[:200]!r}"
+    assert not UNPRINTABLE.search(msg), f"unprintable message: {ascii(msg)[:300]}"
     return msg
 
 

@@ -11,6 +11,12 @@ restricted unpickler, which never runs code). Tensor bytes are read on demand, s
 from their offsets in the file, so a 5.7 GB ControlNet costs a few hundred kilobytes to
 open and only the bytes of the tensors actually read. A ``{"state_dict": {...}}`` wrapper
 is unwrapped. Tensors saved from CUDA are described (and read) like any other.
+
+The formats themselves are read by :mod:`.safetensors` and :mod:`.torchfile`; both read a
+file as its reference reader does (``safetensors``, ``torch.load``) or refuse it, with
+work and memory bounded by the file's size. Every problem a file can cause is a
+:class:`~cndiff.errors.CheckpointError` with a one-line, printable message (names from
+the file are escaped); Ctrl-C and SIGTERM are answered in every phase.
 """
 
 from __future__ import annotations
@@ -78,6 +84,13 @@ def new_tensor_info(key: str, dtype: DType, shape: tuple[int, ...], offset: int)
     return info
 
 
+def _canonical_bools(arr: np.ndarray) -> None:
+    """Stored booleans as 0 or 1: torch and numpy read any non-zero byte as True, but a
+    byte of 0x30 copied as it is would not compare (or write) equal to True."""
+    u8 = arr.view(np.uint8)
+    np.minimum(u8, 1, out=u8)
+
+
 def _span(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
     """Elements from the first to the last one a non-empty strided view touches."""
     return 1 + sum((d - 1) * s for d, s in zip(shape, stride))
@@ -100,7 +113,9 @@ class Checkpoint:
     :class:`TensorInfo`, in the order the file lists them. ``wrapped`` says whether the
     state dict sat under a ``"state_dict"`` key. ``metadata`` holds the safetensors
     ``__metadata__`` (empty for torch files) and ``extras`` the names of top-level entries
-    beside the state dict (``epoch``, ``callbacks``...).
+    beside the state dict (``epoch``, ``callbacks``...). Keys, metadata and extras are as
+    the file spells them (lone surrogates and control characters included): pass them
+    through :func:`cndiff.text.escape` before showing them.
     """
 
     path: Path
@@ -203,6 +218,8 @@ class Checkpoint:
             self._read_strided_into(info, out, start)
             return out
         self._pread_into(memoryview(out.view(np.uint8)), info.offset + start * info.itemsize)
+        if out.dtype == np.bool_:
+            _canonical_bools(out)
         return out
 
     def read(self, key: str, start: int = 0, count: int | None = None) -> np.ndarray:
@@ -239,6 +256,8 @@ class Checkpoint:
         raw = np.empty(span, dtype=info.dtype.numpy)
         if span:
             self._pread_into(memoryview(raw.view(np.uint8)), info.offset)
+            if raw.dtype == np.bool_:
+                _canonical_bools(raw)
         strides = tuple(s * info.itemsize for s in info.stride)
         return np.lib.stride_tricks.as_strided(raw, info.shape, strides).copy()
 

@@ -26,7 +26,6 @@ or a regular expression, so Ctrl-C works throughout.
 from __future__ import annotations
 
 import gc
-import itertools
 import json
 import os
 import re
@@ -142,11 +141,10 @@ class _Header:
             m = _CANONICAL.match(raw, pos)
             if m is None:
                 return pos, sep
-            # the first in any spacing; then as many compact ones as follow
-            matches = itertools.chain((m,), _COMPACT.finditer(raw, m.end()))
-            for m in matches:
-                if m.start() != pos:
-                    break
+            # the first in any spacing; then as many compact ones as follow, each where
+            # the previous one ended (a scanner matches at its position only)
+            follow = _COMPACT.scanner(raw, m.end()).match
+            while m is not None:
                 key_raw, code, dims, b, e, sep = m.groups()
                 pos = m.end()
                 begin, end = int(b), int(e)
@@ -170,13 +168,14 @@ class _Header:
                         ends(end)
                 if sep == b"}":
                     break
+                m = follow()
         return pos, sep
 
     def decode_plain(self, body: bytes) -> str:
         try:
             return body.decode("utf-8")
         except UnicodeDecodeError:
-            raise self.fail("a key is not UTF-8") from None
+            raise self.fail("a string is not UTF-8") from None
 
     def decode_string(self, token: bytes) -> str:
         if b"\\" not in token:
@@ -184,7 +183,7 @@ class _Header:
         try:  # (lone surrogates, as \ud800, are valid JSON and come back as they are)
             return json.loads(token.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
-            raise self.fail("a key is not a valid JSON string") from None
+            raise self.fail("a string is not valid JSON") from None
 
     def member(self, pos: int) -> tuple[int, bytes]:
         """A member not in the canonical form, at ``pos``: where the next one starts and
