@@ -335,6 +335,15 @@ CASES: dict[str, tuple] = {
         lambda: in_legacy(sd(("w", tensor(legacy=True))), [("0", 6, F32_6), ("0", 6, F32_6B)]),
         "does not match",
     ),
+    # torch.load hands out uninitialized memory for a storage never listed (atheris found
+    # the differential's pattern missing keys quoted with ", as safe_repr quotes a ')
+    "legacy_storage_never_listed": (
+        lambda: in_legacy(
+            sd(("w", tensor(key="0'1", legacy=True)), ("z", tensor(key="1", legacy=True))),
+            [("1", 6, F32_6B)],
+        ),
+        'storage "0\'1" missing',
+    ),
     "legacy_storage_id_of_five": (
         lambda: in_legacy(sd(("w", tensor()))),
         "malformed storage id",
@@ -730,6 +739,21 @@ def test_stored_booleans_read_as_0_or_1(tmp_path):
             if "t" in ck.tensors:
                 assert ck.read("t").view(np.uint8).tolist() == [[1, 0], [1, 1]]
         compare(path)
+
+
+def test_safetensors_tensors_come_in_file_order(tmp_path):
+    """Listed out of order (as writers other than safetensors' do), with empty tensors in
+    between: in file order, and an overlap between two far apart in the header found."""
+    e = lambda b, n: b'{"dtype":"F32","shape":[%d],"data_offsets":[%d,%d]}' % (n, b, b + 4 * n)  # noqa: E731
+    header = b'{"c":%s,"a":%s,"z":%s,"b":%s}' % (e(16, 2), e(0, 1), e(8, 0), e(4, 3))
+    path = tmp_path / "o.safetensors"
+    path.write_bytes(safetensors_file(header, bytes(24)))
+    with open_checkpoint(path) as ck:
+        assert list(ck.tensors) == ["a", "b", "z", "c"]
+    header = b'{"c":%s,"a":%s,"z":%s,"b":%s}' % (e(16, 2), e(0, 1), e(8, 0), e(4, 4))
+    path.write_bytes(safetensors_file(header, bytes(24)))
+    with pytest.raises(CheckpointError, match="tensors 'b' and 'c' overlap"):
+        open_checkpoint(path)
 
 
 def test_ordered_dict_state_leaves_plain_data():
