@@ -19,6 +19,7 @@ import io
 import json
 import os
 import pickle
+import re
 import struct
 import sys
 import time
@@ -52,6 +53,11 @@ APPEND = b"a"
 APPENDS = b"e"
 TUPLE = b"t"
 TUPLE1 = b"\x85"
+TUPLE2 = b"\x86"
+EMPTY_SET = b"\x8f"
+ADDITEMS = b"\x90"
+FROZENSET = b"\x91"
+NEWOBJ = b"\x81"
 LIST = b"l"
 REDUCE = b"R"
 BUILD = b"b"
@@ -126,6 +132,25 @@ def op_tensor(storage: bytes, offset: int, shape, stride) -> bytes:
     )
 
 
+def dag_tuple(depth: int, base: int = 0) -> bytes:
+    """A tuple of ``depth`` levels, each level the previous one twice (through the memo,
+    slots ``base`` to ``base + depth``): ``6 * depth`` bytes, ``2**depth`` leaves when
+    walked (hashed, compared, printed)."""
+    out = EMPTY_TUPLE + op_put(base) + POP
+    for k in range(depth):
+        out += op_get(base + k) + op_get(base + k) + TUPLE2 + op_put(base + k + 1) + POP
+    return out + op_get(base + depth)
+
+
+#: Python hashes an int as its value modulo this: k * HASH_MODULUS all hash to 0
+HASH_MODULUS = 2**61 - 1
+
+
+def colliding_ints(n: int) -> list[int]:
+    """``n`` different ints with the same hash (a dict of them: n**2 / 2 comparisons)."""
+    return [k * HASH_MODULUS for k in range(1, n + 1)]
+
+
 def pickle_of(body: bytes) -> bytes:
     return PROTO2 + body + STOP
 
@@ -159,6 +184,20 @@ def torch_zip(
         for key, data in storages.items():
             z.writestr(f"{prefix}/data/{key}", data, compress_type=storage_compress)
         z.writestr(f"{prefix}/version", b"3\n")
+    return buf.getvalue()
+
+
+def zip_entries(entries: list[tuple[str, bytes]]) -> bytes:
+    """A zip archive of exactly these (name, data) records, in this order, stored; names
+    may repeat (zipfile warns, and writes them)."""
+    import warnings
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+            for name, data in entries:
+                z.writestr(name, data)
     return buf.getvalue()
 
 
@@ -347,11 +386,20 @@ class Outcome:
     peak: int | None = None
 
 
+#: what may not appear in a message: control characters (ESC, BEL, CR, LF...), bidi
+#: overrides, lone surrogates (not printable, not encodable as UTF-8)
+UNPRINTABLE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029"
+    "\ufeff\ud800-\udfff]"
+)
+
+
 def _check_message(exc: CndiffError) -> str:
     msg = str(exc)
     assert msg, f"{type(exc).__name__} without a message"
     assert "\n" not in msg, f"multi-line message: {msg!r:.300}"
     assert len(msg) < 1000, f"message of {len(msg)} characters: {msg[:200]!r}"
+    assert not UNPRINTABLE.search(msg), f"unprintable message: {ascii(msg)[:300]}"
     return msg
 
 

@@ -1,8 +1,11 @@
 """Reading: open checkpoint files lazily and safely, and say what they are.
 
-* :mod:`.checkpoint` opens safetensors, torch zip and legacy torch files (only the index
-  is read; tensor bytes on demand);
-* :mod:`.unpickle` is the restricted unpickler behind the torch formats.
+* :mod:`.checkpoint` opens any checkpoint (only its index is read; tensor bytes on
+  demand) and holds :class:`Checkpoint` and :class:`TensorInfo`;
+* :mod:`.safetensors` parses safetensors headers against their schema, in bounded memory;
+* :mod:`.torchfile` reads torch's zip and legacy formats as torch reads them (or refuses);
+* :mod:`.unpickle` is the restricted pickle machine behind the torch formats: it never
+  runs code, and bounds its work and memory by the size of the pickle.
 """
 
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
