@@ -203,6 +203,25 @@ CASES: dict[str, tuple] = {
         ),
         "two entries named",
     ),  # fmt: skip
+    # torch's reader finds records ignoring ASCII case (atheris): "DATA.PKL" is its
+    # "data.pkl", and "data/0" and "Data/0" are one record, of which it reads either
+    "zip_record_names_in_another_case": (
+        lambda: zip_entries(
+            [("archive/DATA.PKL", PKL_W), ("archive/Data/0", F32_6), ("archive/VERSION", b"3")]
+        ),
+        OPENS,
+    ),
+    "zip_duplicate_ignoring_case": (
+        lambda: zip_entries(
+            [
+                ("archive/data.pkl", PKL_W),
+                ("archive/data/0", F32_6),
+                ("archive/DATA/0", F32_6B),
+                ("archive/version", b"3\n"),
+            ]
+        ),
+        "two entries named 'archive/DATA/0' \\(ignoring case",
+    ),  # fmt: skip
     # torch takes the folder of the first entry; cndiff took any "*/data.pkl"
     "zip_folder_of_first_entry": (
         lambda: zip_entries(
@@ -357,6 +376,15 @@ CASES: dict[str, tuple] = {
             + F32_6
         ),
         "legacy torch file version 1002",
+    ),
+    # torch reads an empty view at any int64 offset (atheris: 4.7e18 was refused)
+    "pkl_empty_view_at_offset_2^62": (
+        lambda: in_zip(sd(("w", op_tensor(op_storage("0", 6), 2**62 + 5, (3, 0), (0, 1))))),
+        OPENS,
+    ),
+    "pkl_view_at_offset_2^63": (
+        lambda: in_zip(sd(("w", op_tensor(op_storage("0", 6), 2**63, (3, 0), (0, 1))))),
+        "storage offset",
     ),
     "pkl_rebuild_with_four_arguments": (
         lambda: in_zip(

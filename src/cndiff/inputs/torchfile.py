@@ -144,6 +144,8 @@ class _Archive:
         self.size = size
         self.ranges: list[tuple[int, int, str]] = []
         infos = zf.infolist()
+        # torch's reader (miniz) finds records by name ignoring ASCII case: "daTa.pkl" is
+        # its "data.pkl", and two names differing in case are one record to it
         by_name: dict[bytes, zipfile.ZipInfo] = {}
         for info in infos:
             raw = _raw_name(info)
@@ -154,21 +156,22 @@ class _Archive:
                 raise CheckpointError(
                     f"{name} is corrupt: its archive has an entry whose name is not UTF-8"
                 ) from None
-            if raw in by_name:
-                # zipfile would read the last copy, torch's reader (miniz) either one
+            folded = raw.lower()
+            if folded in by_name:
+                # zipfile would read the last copy, torch's reader either one
                 raise CheckpointError(
                     f"{name} is corrupt: its archive has two entries named "
-                    f"{safe_repr(raw.decode('utf-8', 'replace'))}; torch and cndiff could read "
-                    "different ones"
+                    f"{safe_repr(raw.decode('utf-8', 'replace'))} (ignoring case, as torch "
+                    "does); torch and cndiff could read different ones"
                 )
-            by_name[raw] = info
+            by_name[folded] = info
         self.by_name = by_name
         # torch's reader: the folder of the first entry is the archive's
         first = _raw_name(infos[0]) if infos else b""
         if b"/" not in first:
             raise CheckpointError(f"{name} is a zip archive but not a torch checkpoint")
         self.prefix = prefix = first[: first.index(b"/") + 1]
-        if not all(raw.startswith(prefix) for raw in by_name):
+        if not all(_raw_name(info).startswith(prefix) for info in infos):
             # torch refuses it: "file in archive is not in a subdirectory"
             raise CheckpointError(
                 f"{name} is corrupt: its archive holds entries outside its folder "
@@ -176,7 +179,8 @@ class _Archive:
             )
 
     def get(self, record: str) -> zipfile.ZipInfo | None:
-        return self.by_name.get(self.prefix + record.encode("utf-8"))
+        """The entry torch reads for ``record`` (of the archive's folder), or None."""
+        return self.by_name.get((self.prefix + record.encode("utf-8")).lower())
 
     def describe(self, info: zipfile.ZipInfo) -> str:
         return safe_repr(info.orig_filename)

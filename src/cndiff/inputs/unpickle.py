@@ -248,7 +248,8 @@ def _rebuild_tensor_v2(args: tuple) -> TensorRef:
         _check_tensor_metadata(args[6])
     if not isinstance(storage, StorageRef):
         raise CheckpointError("corrupt checkpoint: a tensor refers to something not a storage")
-    if not _is_index(storage_offset):
+    # (an int64, as torch's: an empty view may start anywhere, even past its storage)
+    if type(storage_offset) is not int or not 0 <= storage_offset < 1 << 63:
         raise CheckpointError(
             f"corrupt checkpoint: tensor storage offset {safe_repr(storage_offset)}"
         )
