@@ -13,6 +13,7 @@ here: kernels call a :mod:`cndiff.backends` backend.
 
 from __future__ import annotations
 
+import operator
 import queue
 import threading
 from collections import deque
@@ -106,6 +107,7 @@ class _Task:
 
 #: tensors of at most this many elements may be packed together
 PACK_MAX = 4096
+_NUMEL = operator.attrgetter("numel")
 
 
 @dataclass
@@ -170,8 +172,9 @@ def _packed_tasks(s: Stream, chunk: int) -> Iterator[_Task]:
     is stored contiguously right after it in the control file (and in the base), with
     the same dtypes, and has no embedded tensor to read. (One pass, with every lookup
     bound locally: a file may hold a million tensors.)"""
-    cinfo = s.control.info
-    binfo = s.base.info if s.base is not None else None
+    # (the dicts' own lookups: every key comes from the plan, made from these files)
+    cinfo = s.control.tensors.__getitem__
+    binfo = s.base.tensors.__getitem__ if s.base is not None else None
     embedded = s.embedded_prefix is not None
     limit = min(PACK_MAX, chunk)
     pack: list[PlanItem] = []
@@ -261,7 +264,7 @@ def _compute_pack(slot: _Slot, task: _Task) -> _Slot:
     assert items is not None
     try:
         starts = np.zeros(len(items) + 1, np.int64)
-        np.cumsum([i.numel for i in items], out=starts[1:])
+        np.cumsum(np.fromiter(map(_NUMEL, items), np.int64, len(items)), out=starts[1:])
         c = _read_pack(s.control, [i.control_key for i in items], slot.c, task.count)
         b = None
         if item.base_key is not None and s.base is not None:
@@ -395,7 +398,7 @@ def run_streams(
                 fail(s, _name_error(exc, s, item, reading=False))
                 continue
             if on_progress is not None:
-                on_progress(task.count * s.control.info(item.control_key).itemsize)
+                on_progress(task.count * s.control.tensors[item.control_key].dtype.itemsize)
 
     def finish() -> None:
         """Wait for the oldest task in flight and deliver it."""

@@ -140,8 +140,8 @@ def _note_maxes(job: Job, item: PlanItem, m, ch: ChunkIn) -> None:
 
 def _nbytes(s: Stream) -> int:
     """The bytes a stream reads from its control file (the progress bar's total)."""
-    info = s.control.info
-    return sum(i.numel * info(i.control_key).dtype.itemsize for i in s.items)
+    tensors = s.control.tensors
+    return sum(i.numel * tensors[i.control_key].dtype.itemsize for i in s.items)
 
 
 def _scan_unchanged(jobs: Sequence[Job], options: Options, backend: Backend, isolate: bool):
@@ -221,7 +221,7 @@ def run_jobs(
 
     with ExitStack() as writers:
         for job in live:
-            entries = [OutputEntry(i.key, dt, i.shape) for i in job.plan.items]
+            entries = [OutputEntry(i.key, dt, i.shape, i.numel) for i in job.plan.items]
             if job.plan.marker is not None:
                 entries.append(OutputEntry(job.plan.marker, dt, ()))
             meta = build_metadata(job.plan.kind, job.inputs, options,

@@ -76,11 +76,13 @@ class OutputEntry:
     #: the tensor's size in bytes
     nbytes: int
 
-    def __init__(self, key: str, dtype: DType, shape: tuple[int, ...]) -> None:
+    def __init__(
+        self, key: str, dtype: DType, shape: tuple[int, ...], numel: int | None = None
+    ) -> None:
         self.key = key
         self.dtype = dtype
         self.shape = tuple(shape)
-        self.nbytes = prod(self.shape) * dtype.itemsize
+        self.nbytes = (prod(self.shape) if numel is None else numel) * dtype.itemsize
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, OutputEntry) and (self.key, self.dtype, self.shape) == (
@@ -136,12 +138,19 @@ def build_header(entries: Sequence[OutputEntry], metadata: dict[str, str] | None
     enc = json.JSONEncoder(ensure_ascii=False).encode
     plain = _JSON_SPECIAL.search("".join(keys)) is None
     pos = 0
+    # the text between key and offsets, per (dtype, shape): an output has few of them
+    middles: dict[tuple[str, tuple[int, ...]], str] = {}
+    add = parts.append
     for e in entries:
         end = pos + e.nbytes
         key = f'"{e.key}"' if plain else enc(e.key)
-        shape = ",".join(map(str, e.shape))
-        parts.append(f'{key}:{{"dtype":"{e.dtype.safetensors}","shape":[{shape}],'
-                     f'"data_offsets":[{pos},{end}]}}')  # fmt: skip
+        middle = middles.get((e.dtype.safetensors, e.shape))
+        if middle is None:
+            shape = ",".join(map(str, e.shape))
+            middle = f':{{"dtype":"{e.dtype.safetensors}","shape":[{shape}],"data_offsets":['
+            if len(middles) < 65536:
+                middles[(e.dtype.safetensors, e.shape)] = middle
+        add(f"{key}{middle}{pos},{end}]}}")
         pos = end
     try:
         raw = ("{" + ",".join(parts) + "}").encode("utf-8")

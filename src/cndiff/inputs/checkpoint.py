@@ -215,7 +215,12 @@ class Checkpoint:
         """Read whole tensors that lie back to back in the file, all of ``out``'s dtype and
         contiguous, into the 1-D array ``out`` in one read (many small tensors at the
         cost of one). Returns ``out``."""
-        infos = [self.info(k) for k in keys]
+        tensors = self.tensors
+        try:
+            infos = [tensors[k] for k in keys]  # (a pack may hold a million keys)
+        except KeyError as exc:
+            self.info(exc.args[0])  # raises the usual message
+            raise
         first = infos[0]
         end = first.offset
         total = 0
