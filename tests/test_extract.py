@@ -181,6 +181,37 @@ def test_result_is_deterministic(sd15_pair, tmp_path):
     assert a.sha256 == hashlib.sha256(a.output.read_bytes()).hexdigest() == b.sha256
 
 
+def test_writer_sha256_is_the_files_while_the_caller_reuses_its_buffer(tmp_path):
+    """The writer hashes behind the caller, from its own copies: the digest is the file's
+    even when the caller overwrites its buffer right after each write, and for writes of
+    every size (tiny ones copied, large ones in reused buffers that grow and shrink, more
+    writes than buffers)."""
+    import hashlib
+
+    import numpy as np
+
+    from cndiff.dtypes import F16
+    from cndiff.writer import OutputEntry, SafetensorsWriter
+
+    sizes = [3, 40_000, 3_000_000, 70_000, 5_000_000, 1, 200_000, 2_500_000, 65_536] * 2
+    entries = [OutputEntry(f"t{i}", F16, (n,)) for i, n in enumerate(sizes)]
+    buf = np.empty(max(sizes), np.float16)
+    rng = np.random.default_rng(7)
+    wanted = []
+    target = tmp_path / "o.safetensors"
+    with SafetensorsWriter(target, entries) as w:
+        for n in sizes:
+            buf[:n] = rng.standard_normal(n).astype(np.float16)
+            wanted.append(buf[:n].tobytes())
+            w.write(buf[:n])
+            buf[:n] = 0  # reused at once, as the engine reuses its slots
+        w.commit()
+    data = target.read_bytes()
+    (hlen,) = struct.unpack("<Q", data[:8])
+    assert data[8 + hlen :] == b"".join(wanted)
+    assert w.sha256 == hashlib.sha256(data).hexdigest()
+
+
 def test_never_reads_non_control_tensors(sd15_pair, tmp_path, monkeypatch):
     from cndiff.inputs import checkpoint as ck
 

@@ -24,8 +24,10 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import stat
+import threading
 import uuid
 from collections.abc import Sequence
 from math import prod
@@ -55,6 +57,8 @@ log = logging.getLogger("cndiff")
 _TMP_SUFFIX = ".cndiff-tmp"
 #: start writeback every this many bytes written
 _WRITEBACK_BYTES = 32 << 20
+#: writes at least this long are hashed from a reused buffer, shorter ones from a copy
+_HASH_COPY_MIN = 64 << 10
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}" + re.escape(_TMP_SUFFIX) + "$")
 #: safetensors readers refuse headers larger than this
 MAX_HEADER_BYTES = 100_000_000
@@ -412,6 +416,76 @@ class AtomicFile:
             self.path = None
 
 
+class _Sha256Behind:
+    """The sha256 of a stream of bytes, computed on a thread of its own behind the caller.
+
+    :meth:`update` copies the bytes into one of ``depth`` reusable buffers and returns (the
+    caller may reuse its own buffer at once); the thread hashes them in order, while the
+    caller writes and computes. :meth:`hexdigest` waits for the rest. A few bytes are
+    hashed the same way (in order), only copied as ``bytes``. (hashlib releases the GIL on
+    large updates, so the hash runs beside the compute threads.)
+    """
+
+    def __init__(self, depth: int = 4) -> None:
+        self._hash = hashlib.sha256()
+        self._todo: queue.SimpleQueue = queue.SimpleQueue()
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        self._made = 0
+        self._depth = depth
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def _work(self) -> None:
+        while True:
+            item = self._todo.get()
+            if item is None:
+                return
+            buf, n = item
+            try:
+                if self._error is None:
+                    self._hash.update(memoryview(buf)[:n])
+            except BaseException as exc:  # noqa: BLE001 - raised by hexdigest
+                self._error = exc
+            if isinstance(buf, bytearray):
+                self._free.put(buf)
+
+    def update(self, data: bytes | memoryview) -> None:
+        n = len(data)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="cndiff-sha256", daemon=True)
+            self._thread.start()
+        if n < _HASH_COPY_MIN:
+            self._todo.put((bytes(data), n))
+            return
+        try:
+            buf = self._free.get_nowait()
+        except queue.Empty:
+            if self._made < self._depth:
+                buf = bytearray()
+                self._made += 1
+            else:
+                buf = self._free.get()
+        if len(buf) < n:
+            buf = bytearray(n)
+        memoryview(buf)[:n] = data
+        self._todo.put((buf, n))
+
+    def stop(self) -> None:
+        """Let the thread end (after what it was given); nothing waits for it."""
+        if self._thread is not None:
+            self._todo.put(None)
+            self._thread = None
+
+    def hexdigest(self) -> str:
+        thread = self._thread
+        self.stop()
+        if thread is not None:
+            thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._hash.hexdigest()
+
+
 class SafetensorsWriter:
     """Write one safetensors file, tensor by tensor, in the order of ``entries``.
 
@@ -433,7 +507,7 @@ class SafetensorsWriter:
         self.entries = list(entries)
         self._header = build_header(self.entries, metadata)
         self.size = len(self._header) + sum(e.nbytes for e in self.entries)
-        self._hash = hashlib.sha256()
+        self._hash = _Sha256Behind()
         self._file = AtomicFile(self.target, overwrite=overwrite)
         self._written = 0
         self.sha256: str | None = None
@@ -452,11 +526,12 @@ class SafetensorsWriter:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._hash.stop()
         self._file.__exit__(exc_type, exc, tb)
 
     def _raw(self, data: bytes | memoryview) -> None:
-        self._hash.update(data)
         self._file.write(data)
+        self._hash.update(data)
 
     def write(self, data: np.ndarray | bytes | memoryview) -> None:
         """Append tensor bytes (a contiguous numpy array or a bytes-like object)."""
@@ -483,6 +558,7 @@ class SafetensorsWriter:
         return self._file.commit()
 
     def abort(self) -> None:
+        self._hash.stop()
         self._file.abort()
 
 
