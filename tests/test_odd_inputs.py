@@ -106,6 +106,28 @@ def test_float8_control_tensors_are_read(tmp_path):
                        naive_diff(cp, bp, "bf16")[CP + "time_embed.0.weight"].view(torch.int16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.uint16])
+def test_a_torch_file_with_new_dtypes_is_refused_for_what_it_is(tmp_path, capsys, dtype):
+    """torch.save writes float8 and uint16-64 tensors with ``_rebuild_tensor_v3``: not
+    code, and torch.load(weights_only=True) reads it; cndiff refuses it as a format it
+    does not read (not as unsafe), saying what to do, in one line."""
+    c, b = _flat_pair(tmp_path)
+    c[CP + "zero_convs.0.0.bias"] = torch.zeros(4).to(dtype)
+    cp = tmp_path / "c.pth"
+    torch.save(c, str(cp))
+    assert torch.load(str(cp), weights_only=True)[CP + "zero_convs.0.0.bias"].dtype == dtype
+    bp = _save(b, tmp_path / "b.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        cndiff.extract(cp, bp, tmp_path / "o.safetensors")
+    assert type(info.value) is CheckpointError  # not UnsafeCheckpointError
+    assert "_rebuild_tensor_v3" in str(info.value) and ".safetensors" in str(info.value)
+    assert "could run code" not in str(info.value)
+    rc = main(["extract", str(cp), str(bp), "-o", str(tmp_path / "o.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("cndiff: error: c.pth") and err.count("\n") == 1
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 # -- keys and names that are not valid Unicode ---------------------------------------------------
 
 

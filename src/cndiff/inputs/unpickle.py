@@ -607,6 +607,14 @@ class _Machine:
         try:
             return self.allowed[(module, name)]
         except KeyError:
+            if (module, name) == ("torch._utils", "_rebuild_tensor_v3"):
+                # torch.save's form for dtypes without a legacy storage class: not code
+                raise CheckpointError(
+                    "the checkpoint holds tensors torch saves in its newer form "
+                    "(torch._utils._rebuild_tensor_v3: float8, uint16/32/64 and other new "
+                    "dtypes), which cndiff does not read from torch files; save the state "
+                    "dict as .safetensors (safetensors.torch.save_file) and use that"
+                ) from None
             raise UnsafeCheckpointError(
                 f"refusing to load: the checkpoint's pickle asks for "
                 f"'{escape(module, 100)}.{escape(name, 100)}', which cndiff does not allow (it "
