@@ -91,6 +91,29 @@ def test_native_kernels_match_torch_bit_for_bit(dtype, simd):
         native_kernels.set_simd(previous)
 
 
+@needs_native
+@pytest.mark.parametrize("simd", [True, False], ids=["avx2-f16c", "scalar"])
+def test_native_half_to_float_is_numpys_cast_for_every_pattern(simd):
+    """Every float16 bit pattern, at every start offset mod 8 (the SIMD loop and its
+    tail): the native conversion gives numpy's bits (NaN payloads unquieted, which the
+    numpy fallback keeps), and torch's values for every non-NaN pattern."""
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    want = h.view(np.float16).astype(np.float32).view(np.uint32)
+    by_torch = torch.from_numpy(h.view(np.int16)).view(torch.float16).float().numpy()
+    finite = ~np.isnan(by_torch)
+    assert np.array_equal(want[finite], by_torch.view(np.uint32)[finite])
+    previous = native_kernels.set_simd(simd)
+    try:
+        for start in range(9):
+            out = np.full(h.size - start, np.nan, np.float32)
+            native_kernels.half_to_float(h[start:], out)
+            assert np.array_equal(out.view(np.uint32), want[start:]), start
+        with pytest.raises(ValueError):
+            native_kernels.half_to_float(h, np.empty(h.size - 1, np.float32))
+    finally:
+        native_kernels.set_simd(previous)
+
+
 @pytest.mark.parametrize("dtype", [F8_E4M3, F8_E5M2])
 def test_float8_table_matches_torch(dtype):
     ref = torch.arange(256, dtype=torch.uint8).view(dtype.to_torch()).float().numpy()

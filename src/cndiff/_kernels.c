@@ -216,6 +216,35 @@ static inline float half_to_float(uint16_t h) {
     return bits_f32(sign | ((e + 112u) << 23) | (m << 13));
 }
 
+/* float16 bits -> float32, exact; NaN keeps sign and payload unquieted (as numpy) */
+static void half_to_float_scalar(const uint16_t *h, float *out, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) out[i] = half_to_float(h[i]);
+}
+
+#ifdef CNDIFF_X86
+__attribute__((target("avx2,f16c")))
+static void half_to_float_avx2(const uint16_t *h, float *out, Py_ssize_t n) {
+    const __m256i exp = _mm256_set1_epi32(0x7C00), man = _mm256_set1_epi32(0x3FF);
+    const __m256i sgn = _mm256_set1_epi32(0x8000), inf = _mm256_set1_epi32(0x7F800000);
+    const __m256i zero = _mm256_setzero_si256();
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(h + i));
+        __m256 f = _mm256_cvtph_ps(x); /* exact, but quiets a signaling NaN */
+        __m256i u = _mm256_cvtepu16_epi32(x);
+        __m256i m = _mm256_and_si256(u, man);
+        __m256i isnan = _mm256_andnot_si256(_mm256_cmpeq_epi32(m, zero),
+                                            _mm256_cmpeq_epi32(_mm256_and_si256(u, exp), exp));
+        __m256i nanbits = _mm256_or_si256(
+            _mm256_or_si256(_mm256_slli_epi32(_mm256_and_si256(u, sgn), 16), inf),
+            _mm256_slli_epi32(m, 13));
+        __m256i r = _mm256_blendv_epi8(_mm256_castps_si256(f), nanbits, isnan);
+        _mm256_storeu_si256((__m256i *)(out + i), r);
+    }
+    if (i < n) half_to_float_scalar(h + i, out + i, n - i);
+}
+#endif
+
 /* x rounded to kind (as float32 values), round to nearest even; x finite */
 static inline float round_kind(float x, int kind) {
     if (kind == OUT_F16) return half_to_float(f16_scalar(x));
@@ -609,6 +638,32 @@ static PyObject *py_verify(PyObject *self, PyObject *args) {
                          st.max_ratio[2]);
 }
 
+static PyObject *py_half_to_float(PyObject *self, PyObject *args) {
+    PyObject *ho, *oo;
+    if (!PyArg_ParseTuple(args, "OO", &ho, &oo)) return NULL;
+    Py_buffer h, o;
+    if (get_buffer(ho, &h, 0, "h") < 0) return NULL;
+    if (get_buffer(oo, &o, 1, "out") < 0) { PyBuffer_Release(&h); return NULL; }
+    int ok = h.len % 2 == 0 && o.len == h.len * 2;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+#ifdef CNDIFF_X86
+        if (use_simd && have_avx2_f16c())
+            half_to_float_avx2((const uint16_t *)h.buf, (float *)o.buf, h.len / 2);
+        else
+#endif
+            half_to_float_scalar((const uint16_t *)h.buf, (float *)o.buf, h.len / 2);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&h);
+    PyBuffer_Release(&o);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "buffer sizes do not match");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_same_bytes(PyObject *self, PyObject *args) {
     PyObject *ao, *bo;
     if (!PyArg_ParseTuple(args, "OO", &ao, &bo)) return NULL;
@@ -649,6 +704,9 @@ static PyMethodDef methods[] = {
      "[starts[j], starts[j+1]) (int64), each one's max |d| into maxes[j] (float64)."},
     {"compare", py_compare, METH_VARARGS,
      "compare(e, b) -> (max |b-e|, sum |b-e|, sum (b-e)^2, sum b^2), float32 inputs."},
+    {"half_to_float", py_half_to_float, METH_VARARGS,
+     "half_to_float(h, out): float16 bits h (2-byte items) into float32 out, exactly; a NaN "
+     "keeps its sign and payload bits, unquieted (numpy's cast)."},
     {"same_bytes", py_same_bytes, METH_VARARGS, "same_bytes(a, b) -> whether the bytes are equal."},
     {"verify", py_verify, METH_VARARGS,
      "verify(c, s, b, D, P) -> (finite, (max_abs, max_ratio) for comfyui, webui, exact): every "

@@ -241,6 +241,16 @@ class NumpyBackend:
             s = self._local.scratch = _Scratch(n)
         return s
 
+    def _f32(self, raw: Raw, out: np.ndarray) -> np.ndarray:
+        """The chunk as float32: itself, or converted into ``out`` (float16 by the native
+        kernel when built: the same bits as numpy's cast, several times faster)."""
+        if raw.dtype is F32:
+            return raw.data
+        if raw.dtype is F16 and self.kernels is not None:
+            self.kernels.half_to_float(raw.data.view(np.uint16), out)
+            return out
+        return to_float32(raw, out)
+
     def host_buffer(self, nbytes: int) -> np.ndarray:
         return np.empty(nbytes, dtype=np.uint8)
 
@@ -253,8 +263,8 @@ class NumpyBackend:
         if k is not None and c.dtype is not F64 and (b is None or b.dtype is not F64) \
                 and not (b is None and c.dtype is out_dtype):  # fmt: skip
             # one fused pass over float32: d = c op b, max |d|, rounded into out
-            cf = c.data if c.dtype is F32 else to_float32(c, s.c32[:n])
-            bf = None if b is None else b.data if b.dtype is F32 else to_float32(b, s.b32[:n])
+            cf = self._f32(c, s.c32[:n])
+            bf = None if b is None else self._f32(b, s.b32[:n])
             return k.combine(cf, bf, out, _OP[op if b is not None else None], _KIND[out_dtype.name])
         if b is None:
             if c.dtype is F64:
@@ -300,8 +310,8 @@ class NumpyBackend:
             return combine_segments(self, op, c, b, out, out_dtype, starts)
         n = c.data.size
         s = self._scratch(n)
-        cf = c.data if c.dtype is F32 else to_float32(c, s.c32[:n])
-        bf = None if b is None else b.data if b.dtype is F32 else to_float32(b, s.b32[:n])
+        cf = self._f32(c, s.c32[:n])
+        bf = None if b is None else self._f32(b, s.b32[:n])
         maxes = np.empty(len(starts) - 1, np.float64)
         k.combine_segments(cf, bf, out, _OP[op if b is not None else None],
                            _KIND[out_dtype.name], starts, maxes)  # fmt: skip
@@ -315,10 +325,10 @@ class NumpyBackend:
             eq = e.dtype is b.dtype and k.same_bytes(e.data, b.data)
         else:
             eq = e.dtype is b.dtype and bool(np.array_equal(e.data, b.data))
-        bf = b.data if b.dtype is F32 else to_float32(b, s.b32[:n])
+        bf = self._f32(b, s.b32[:n])
         if k is not None and eq:
             return (True, 0.0, 0.0, 0.0, float(np.dot(bf, bf)) if n else 0.0, n)
-        ef = e.data if e.dtype is F32 else to_float32(e, s.c32[:n])
+        ef = self._f32(e, s.c32[:n])
         if k is not None and n:
             mx, sa, sd, sb = k.compare(ef, bf)
             return (False, mx, sa, sd, sb, n)

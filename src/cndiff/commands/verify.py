@@ -168,9 +168,13 @@ def _finite(v: Any) -> Any:
     return v
 
 
-def _f32(raw: Raw) -> np.ndarray:
+def _f32(raw: Raw, kernels=None) -> np.ndarray:
     if raw.dtype is F32:
         return raw.data
+    if raw.dtype is F16 and kernels is not None:  # (the same bits as numpy's cast)
+        out = np.empty(raw.data.size, np.float32)
+        kernels.half_to_float(raw.data.view(np.uint16), out)
+        return out
     if raw.dtype.raw or raw.dtype.is_float:
         return to_float32(raw, np.empty(raw.data.size, np.float32))
     raise CheckpointError(f"expected a float tensor, found {raw.dtype.name}")
@@ -192,10 +196,10 @@ _KIND = {"float32": 0, "float16": 1, "bfloat16": 2}
 def _check_chunk(ch: ChunkIn, D: DType, P: DType | None, kernels=None):
     """Errors of every rebuild of one chunk, and their fraction of the bound (with the
     native kernels when given: one pass, no temporaries, the same figures)."""
-    c = _f32(ch.c)
-    s = _f32(ch.x)  # type: ignore[arg-type]
+    c = _f32(ch.c, kernels)
+    s = _f32(ch.x, kernels)  # type: ignore[arg-type]
     if kernels is not None:
-        b32 = _f32(ch.b) if ch.b is not None else None
+        b32 = _f32(ch.b, kernels) if ch.b is not None else None
         finite, *figs = kernels.verify(c, s, b32, _KIND[D.name],
                                        _KIND[P.name] if P is not None else 0)  # fmt: skip
         if not finite:
