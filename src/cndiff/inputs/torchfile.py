@@ -259,6 +259,7 @@ class _Archive:
 
 def open_torch_zip(p: Path, name: str, fd: int, size: int) -> Checkpoint:
     f = os.fdopen(os.dup(fd), "rb")
+    zf = None
     try:
         try:
             zf = zipfile.ZipFile(f)
@@ -322,6 +323,10 @@ def open_torch_zip(p: Path, name: str, fd: int, size: int) -> Checkpoint:
             starts[key] = ar.data_start(member) if need else 0
         ar.check_no_overlap()
     finally:
+        # (closed here, not by ZipFile.__del__: an exception raised in a destructor, as
+        # Ctrl-C's can be, is dropped)
+        if zf is not None:
+            zf.close()
         f.close()
 
     def to_info(key: str, ref: TensorRef) -> TensorInfo:
