@@ -355,16 +355,33 @@ def test_locked_temp_file_of_an_unknown_pid_is_kept(tmp_path):
 
 
 def test_interrupt_while_writing_the_header(tmp_path, monkeypatch):
-    """Ctrl-C inside ``open()`` (before ``__enter__`` returns, so ``__exit__`` never runs)
-    used to leave the temporary file behind."""
+    """Ctrl-C inside ``__enter__`` (while the header is handed to the writing thread, so
+    ``__exit__`` never runs) used to leave the temporary file behind."""
 
-    def write(fd: int, data) -> int:
+    def put(self, data) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cndiff.writer, "os", OsProxy(write=write))
+    monkeypatch.setattr(cndiff.writer._WriteBehind, "put", put)
     entries = [OutputEntry("a", synthetic_dtype(), (2,))]
     with pytest.raises(KeyboardInterrupt), SafetensorsWriter(tmp_path / "o.safetensors", entries):
         pass
+    assert names(tmp_path) == set()
+
+
+def test_a_write_error_on_the_writing_thread_reaches_the_caller(tmp_path, monkeypatch):
+    """The bytes are written on the writer's own thread: its error (here an exception
+    ``os.write`` should never raise) comes out of the next ``write`` or of ``commit``,
+    and no file is left."""
+
+    def write(fd: int, data) -> int:
+        raise RuntimeError("the disk went away")
+
+    monkeypatch.setattr(cndiff.writer, "os", OsProxy(write=write))
+    entries = [OutputEntry("a", synthetic_dtype(), (2,))]
+    writer = SafetensorsWriter(tmp_path / "o.safetensors", entries)
+    with pytest.raises(RuntimeError, match="the disk went away"), writer as w:
+        w.write(b"\0" * 4)
+        w.commit()
     assert names(tmp_path) == set()
 
 

@@ -57,8 +57,8 @@ log = logging.getLogger("cndiff")
 _TMP_SUFFIX = ".cndiff-tmp"
 #: start writeback every this many bytes written
 _WRITEBACK_BYTES = 32 << 20
-#: writes at least this long are hashed from a reused buffer, shorter ones from a copy
-_HASH_COPY_MIN = 64 << 10
+#: writes at least this long go through a reused buffer, shorter ones through a copy
+_COPY_MIN = 64 << 10
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}" + re.escape(_TMP_SUFFIX) + "$")
 #: safetensors readers refuse headers larger than this
 MAX_HEADER_BYTES = 100_000_000
@@ -416,17 +416,22 @@ class AtomicFile:
             self.path = None
 
 
-class _Sha256Behind:
-    """The sha256 of a stream of bytes, computed on a thread of its own behind the caller.
+class _WriteBehind:
+    """Appends to an :class:`AtomicFile` and to the file's sha256 on a thread of its own,
+    behind the caller.
 
-    :meth:`update` copies the bytes into one of ``depth`` reusable buffers and returns (the
-    caller may reuse its own buffer at once); the thread hashes them in order, while the
-    caller writes and computes. :meth:`hexdigest` waits for the rest. A few bytes are
-    hashed the same way (in order), only copied as ``bytes``. (hashlib releases the GIL on
-    large updates, so the hash runs beside the compute threads.)
+    :meth:`put` copies the bytes into one of ``depth`` reusable buffers (a few bytes: into
+    a ``bytes``) and returns at once, so the caller may reuse its own buffer and never
+    waits for the disk, only, when the thread is ``depth`` writes behind, for a free
+    buffer. The thread writes and hashes them in order (both release the GIL), beside the
+    compute threads. An error of the thread (a full disk: the file is then already
+    removed) is raised by the next :meth:`put` or by :meth:`finish`. :meth:`finish` waits
+    for the rest and returns the hex digest; :meth:`cancel` makes the thread drop what is
+    left and waits for it, so the file can then be closed safely.
     """
 
-    def __init__(self, depth: int = 4) -> None:
+    def __init__(self, file: AtomicFile, depth: int = 4) -> None:
+        self._file = file
         self._hash = hashlib.sha256()
         self._todo: queue.SimpleQueue = queue.SimpleQueue()
         self._free: queue.SimpleQueue = queue.SimpleQueue()
@@ -434,6 +439,8 @@ class _Sha256Behind:
         self._depth = depth
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._cancelled = False
+        self._stopping = False
 
     def _work(self) -> None:
         while True:
@@ -441,20 +448,28 @@ class _Sha256Behind:
             if item is None:
                 return
             buf, n = item
-            try:
-                if self._error is None:
-                    self._hash.update(memoryview(buf)[:n])
-            except BaseException as exc:  # noqa: BLE001 - raised by hexdigest
-                self._error = exc
+            if self._error is None and not self._cancelled:
+                view = memoryview(buf)[:n]
+                try:
+                    self._file.write(view)
+                    self._hash.update(view)
+                except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+                    self._error = exc
+                view.release()
             if isinstance(buf, bytearray):
                 self._free.put(buf)
 
-    def update(self, data: bytes | memoryview) -> None:
+    def put(self, data: bytes | memoryview) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._stopping:
+            raise CndiffError("internal error: the output is not open")
         n = len(data)
         if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="cndiff-sha256", daemon=True)
-            self._thread.start()
-        if n < _HASH_COPY_MIN:
+            thread = threading.Thread(target=self._work, name="cndiff-write", daemon=True)
+            thread.start()
+            self._thread = thread  # (only once started: Ctrl-C may come in between)
+        if n < _COPY_MIN:
             self._todo.put((bytes(data), n))
             return
         try:
@@ -470,20 +485,29 @@ class _Sha256Behind:
         memoryview(buf)[:n] = data
         self._todo.put((buf, n))
 
-    def stop(self) -> None:
-        """Let the thread end (after what it was given); nothing waits for it."""
-        if self._thread is not None:
-            self._todo.put(None)
-            self._thread = None
-
-    def hexdigest(self) -> str:
+    def _join(self) -> None:
+        # (the thread is forgotten only once it has ended: a join cut short by Ctrl-C is
+        # done again by the abort that follows, before the descriptor is closed)
         thread = self._thread
-        self.stop()
-        if thread is not None:
-            thread.join()
+        if thread is None:
+            return
+        if not self._stopping:
+            self._stopping = True
+            self._todo.put(None)
+        thread.join()
+        self._thread = None
+
+    def finish(self) -> str:
+        """Wait until everything is written; the sha256 of all of it."""
+        self._join()
         if self._error is not None:
             raise self._error
         return self._hash.hexdigest()
+
+    def cancel(self) -> None:
+        """Drop what is not written yet and wait for the thread. Safe to call twice."""
+        self._cancelled = True
+        self._join()
 
 
 class SafetensorsWriter:
@@ -491,8 +515,10 @@ class SafetensorsWriter:
 
     Use as a context manager; call :meth:`write` with each tensor's bytes (in as many
     pieces as you like, in order), then :meth:`commit`. Leaving the block without a
-    commit, or with an exception, removes the temporary file. The sha256 of the whole
-    file is computed as it is written (``sha256`` after the commit).
+    commit, or with an exception, removes the temporary file. The bytes go to disk, and
+    into the file's sha256 (``sha256`` after the commit), on a thread of the writer's own:
+    :meth:`write` copies them and returns, and a write error (a full disk) is raised by a
+    later :meth:`write` or by :meth:`commit`.
     """
 
     def __init__(
@@ -507,8 +533,8 @@ class SafetensorsWriter:
         self.entries = list(entries)
         self._header = build_header(self.entries, metadata)
         self.size = len(self._header) + sum(e.nbytes for e in self.entries)
-        self._hash = _Sha256Behind()
         self._file = AtomicFile(self.target, overwrite=overwrite)
+        self._behind = _WriteBehind(self._file)
         self._written = 0
         self.sha256: str | None = None
 
@@ -519,19 +545,15 @@ class SafetensorsWriter:
     def __enter__(self) -> SafetensorsWriter:
         self._file.__enter__()
         try:
-            self._raw(self._header)
+            self._behind.put(self._header)
         except BaseException:  # Ctrl-C while writing the header: __exit__ won't run
-            self._file.abort()
+            self.abort()
             raise
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._hash.stop()
-        self._file.__exit__(exc_type, exc, tb)
-
-    def _raw(self, data: bytes | memoryview) -> None:
-        self._file.write(data)
-        self._hash.update(data)
+        if not self._file.committed:
+            self.abort()
 
     def write(self, data: np.ndarray | bytes | memoryview) -> None:
         """Append tensor bytes (a contiguous numpy array or a bytes-like object)."""
@@ -541,24 +563,30 @@ class SafetensorsWriter:
             else memoryview(data).cast("B")
         )
         if self._written + len(view) > self.size - len(self._header):
-            self._file.abort()
+            self.abort()
             raise CndiffError("internal error: more tensor bytes than the header announced")
-        self._raw(view)
+        self._behind.put(view)
         self._written += len(view)
 
     def commit(self) -> Path:
         """Flush to disk and move the file into place. Returns the target path."""
         expected = self.size - len(self._header)
         if self._written != expected:
-            self._file.abort()
+            self.abort()
             raise CndiffError(
                 f"internal error: wrote {self._written} tensor bytes, header announced {expected}"
             )
-        self.sha256 = self._hash.hexdigest()
+        try:
+            self.sha256 = self._behind.finish()
+        except BaseException:
+            self.abort()
+            raise
         return self._file.commit()
 
     def abort(self) -> None:
-        self._hash.stop()
+        """Stop writing and remove the temporary file. Safe to call twice."""
+        # (the thread first: the descriptor is closed only once nothing writes to it)
+        self._behind.cancel()
         self._file.abort()
 
 
