@@ -377,3 +377,29 @@ def test_verify_figures_are_the_same_with_and_without_native_kernels(
                      for p, b in ((d.output, base), (bad, base), (d.output, other))])  # fmt: skip
     assert runs[0] == runs[1]
     assert runs[0][0]["passed"] and runs[0][1]["failing"] == [k] and not runs[0][2]["passed"]
+
+
+def test_parallel_map_hands_out_ahead_items_behind_a_long_one():
+    """With ``ahead`` large, later items run while an early one still works (the
+    Control-LoRA export's big layers), and the results still come in order; an error
+    is raised at its item's turn."""
+    import threading
+
+    from cndiff.engine import parallel_map
+
+    sixth_started = threading.Event()
+
+    def fn(i: int) -> int:
+        if i == 5:
+            sixth_started.set()
+        if i == 0 and not sixth_started.wait(timeout=20):
+            raise TimeoutError("item 5 never started while item 0 ran")
+        if i == 9:
+            raise ValueError("nine")
+        return i * i
+
+    got = []
+    with pytest.raises(ValueError, match="nine"):
+        for r in parallel_map(fn, list(range(12)), 2, ahead=8):
+            got.append(r)
+    assert got == [i * i for i in range(9)]

@@ -439,16 +439,23 @@ def run_streams(
         pool.close()
 
 
-def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> Iterator[Any]:
-    """``fn(item)`` for every item on ``workers`` threads, yielded in order (at most
-    ``2 x workers`` in flight); an exception is raised when its item's turn comes. Safe to
-    interrupt like :func:`run_streams`."""
+def parallel_map(
+    fn: Callable[[Any], Any], items: Sequence[Any], workers: int, ahead: int | None = None
+) -> Iterator[Any]:
+    """``fn(item)`` for every item on ``workers`` threads, yielded in order; an exception
+    is raised when its item's turn comes. Safe to interrupt like :func:`run_streams`.
+
+    At most ``ahead`` items (default ``2 x workers``) are handed out beyond the oldest
+    one not yet yielded: when items take very different times, a larger ``ahead`` keeps
+    the other workers busy behind a long one (their results wait, in memory, for their
+    turn)."""
+    window = max(workers, ahead if ahead is not None else 2 * workers)
     pool = _Pool(workers, fn)
     try:
         arrived: dict[int, tuple[Any, BaseException | None]] = {}
         sent = 0
         for i in range(len(items)):
-            while sent < len(items) and sent < i + 2 * workers:
+            while sent < len(items) and sent < i + window:
                 pool.tasks.put((sent, (items[sent],)))
                 sent += 1
             while i not in arrived:

@@ -176,6 +176,10 @@ def _compare(entry: LoraEntry, inputs: Inputs, backend: Backend) -> tuple | None
     return backend.compare(e, b)
 
 
+#: layers handed out per worker beyond the oldest one not yet written
+_AHEAD = 8
+
+
 def export_lora(
     inputs: Inputs,
     out: str | os.PathLike[str] | None,
@@ -224,7 +228,10 @@ def export_lora(
     saved_torch_threads = torch_cpu.get_num_threads() if torch_cpu is not None else None
     try:
         with _blas_threads(1 if one_thread else None), bar_ctx as bar:
-            results = iter(zip(jobs, parallel_map(work, jobs, options.n_workers)))
+            # (layers differ 100-fold in cost: a wide window keeps both workers busy
+            # behind a large one; a waiting result is only its factors)
+            results = iter(zip(jobs, parallel_map(work, jobs, options.n_workers,
+                                                  ahead=_AHEAD * options.n_workers)))  # fmt: skip
 
             def next_result(entry: LoraEntry) -> tuple:
                 for e, res in results:
