@@ -417,45 +417,60 @@ class AtomicFile:
 
 
 class _WriteBehind:
-    """Appends to an :class:`AtomicFile` and to the file's sha256 on a thread of its own,
-    behind the caller.
+    """Appends to an :class:`AtomicFile` and to the file's sha256 behind the caller, on two
+    threads of its own: one writes, the other hashes what was written.
 
     :meth:`put` copies the bytes into one of ``depth`` reusable buffers (a few bytes: into
     a ``bytes``) and returns at once, so the caller may reuse its own buffer and never
-    waits for the disk, only, when the thread is ``depth`` writes behind, for a free
-    buffer. The thread writes and hashes them in order (both release the GIL), beside the
-    compute threads. An error of the thread (a full disk: the file is then already
-    removed) is raised by the next :meth:`put` or by :meth:`finish`. :meth:`finish` waits
-    for the rest and returns the hex digest; :meth:`cancel` makes the thread drop what is
-    left and waits for it, so the file can then be closed safely.
+    waits for the disk or the hash, only, when they are ``depth`` buffers behind, for a
+    free one. Each buffer is written, then hashed, in order; the write of one overlaps the
+    hash of the one before (both release the GIL), beside the compute threads. An error
+    (a full disk: the file is then already removed) is raised by the next :meth:`put` or by
+    :meth:`finish`. :meth:`finish` waits for the rest and returns the hex digest;
+    :meth:`cancel` makes the threads drop what is left and waits for them, so the file can
+    then be closed safely (only the writing thread uses its descriptor).
     """
 
     def __init__(self, file: AtomicFile, depth: int = 4) -> None:
         self._file = file
         self._hash = hashlib.sha256()
-        self._todo: queue.SimpleQueue = queue.SimpleQueue()
+        self._todo: queue.SimpleQueue = queue.SimpleQueue()  # to write
+        self._written: queue.SimpleQueue = queue.SimpleQueue()  # to hash
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         self._made = 0
         self._depth = depth
-        self._thread: threading.Thread | None = None
+        self._threads: tuple[threading.Thread, threading.Thread] | None = None
         self._error: BaseException | None = None
         self._cancelled = False
         self._stopping = False
 
-    def _work(self) -> None:
+    def _write_loop(self) -> None:
         while True:
             item = self._todo.get()
+            if item is None:
+                self._written.put(None)
+                return
+            buf, n = item
+            if self._error is None and not self._cancelled:
+                try:
+                    with memoryview(buf) as whole, whole[:n] as view:
+                        self._file.write(view)
+                except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+                    self._error = exc
+            self._written.put(item)
+
+    def _hash_loop(self) -> None:
+        while True:
+            item = self._written.get()
             if item is None:
                 return
             buf, n = item
             if self._error is None and not self._cancelled:
-                view = memoryview(buf)[:n]
                 try:
-                    self._file.write(view)
-                    self._hash.update(view)
-                except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+                    with memoryview(buf) as whole, whole[:n] as view:
+                        self._hash.update(view)
+                except BaseException as exc:  # noqa: BLE001
                     self._error = exc
-                view.release()
             if isinstance(buf, bytearray):
                 self._free.put(buf)
 
@@ -465,10 +480,12 @@ class _WriteBehind:
         if self._stopping:
             raise CndiffError("internal error: the output is not open")
         n = len(data)
-        if self._thread is None:
-            thread = threading.Thread(target=self._work, name="cndiff-write", daemon=True)
-            thread.start()
-            self._thread = thread  # (only once started: Ctrl-C may come in between)
+        if self._threads is None:
+            hasher = threading.Thread(target=self._hash_loop, name="cndiff-hash", daemon=True)
+            hasher.start()
+            writer = threading.Thread(target=self._write_loop, name="cndiff-write", daemon=True)
+            writer.start()
+            self._threads = (writer, hasher)  # (only once started: Ctrl-C may come between)
         if n < _COPY_MIN:
             self._todo.put((bytes(data), n))
             return
@@ -486,26 +503,27 @@ class _WriteBehind:
         self._todo.put((buf, n))
 
     def _join(self) -> None:
-        # (the thread is forgotten only once it has ended: a join cut short by Ctrl-C is
-        # done again by the abort that follows, before the descriptor is closed)
-        thread = self._thread
-        if thread is None:
+        # (the threads are forgotten only once they have ended: a join cut short by Ctrl-C
+        # is done again by the abort that follows, before the descriptor is closed)
+        threads = self._threads
+        if threads is None:
             return
         if not self._stopping:
             self._stopping = True
             self._todo.put(None)
-        thread.join()
-        self._thread = None
+        for thread in threads:
+            thread.join()
+        self._threads = None
 
     def finish(self) -> str:
-        """Wait until everything is written; the sha256 of all of it."""
+        """Wait until everything is written and hashed; the sha256 of all of it."""
         self._join()
         if self._error is not None:
             raise self._error
         return self._hash.hexdigest()
 
     def cancel(self) -> None:
-        """Drop what is not written yet and wait for the thread. Safe to call twice."""
+        """Drop what is not written yet and wait for the threads. Safe to call twice."""
         self._cancelled = True
         self._join()
 
