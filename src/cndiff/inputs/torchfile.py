@@ -257,12 +257,21 @@ class _Archive:
                 )
 
 
+class _ZipFile(zipfile.ZipFile):
+    """zipfile's reader without its Python-level finalizer: a signal handler's exception
+    (Ctrl-C's) raised while a finalizer runs is dropped, and a reader opening files in a
+    loop runs one per archive. :func:`open_torch_zip` closes the archive itself."""
+
+    # (a C function taking no arguments: no Python frame, so no signal is handled in it)
+    __del__ = staticmethod(int)
+
+
 def open_torch_zip(p: Path, name: str, fd: int, size: int) -> Checkpoint:
     f = os.fdopen(os.dup(fd), "rb")
     zf = None
     try:
         try:
-            zf = zipfile.ZipFile(f)
+            zf = _ZipFile(f)
         except _ZIP_ERRORS as exc:
             raise CheckpointError(
                 f"{name} is truncated or corrupt (not a readable zip archive: "
@@ -323,8 +332,7 @@ def open_torch_zip(p: Path, name: str, fd: int, size: int) -> Checkpoint:
             starts[key] = ar.data_start(member) if need else 0
         ar.check_no_overlap()
     finally:
-        # (closed here, not by ZipFile.__del__: an exception raised in a destructor, as
-        # Ctrl-C's can be, is dropped)
+        # (closed here: _ZipFile has no finalizer to do it)
         if zf is not None:
             zf.close()
         f.close()
