@@ -534,7 +534,7 @@ class SafetensorsWriter:
     Use as a context manager; call :meth:`write` with each tensor's bytes (in as many
     pieces as you like, in order), then :meth:`commit`. Leaving the block without a
     commit, or with an exception, removes the temporary file. The bytes go to disk, and
-    into the file's sha256 (``sha256`` after the commit), on a thread of the writer's own:
+    into the file's sha256 (``sha256`` after the commit), on threads of the writer's own:
     :meth:`write` copies them and returns, and a write error (a full disk) is raised by a
     later :meth:`write` or by :meth:`commit`.
     """
@@ -603,7 +603,7 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         """Stop writing and remove the temporary file. Safe to call twice."""
-        # (the thread first: the descriptor is closed only once nothing writes to it)
+        # (the threads first: the descriptor is closed only once nothing writes to it)
         self._behind.cancel()
         self._file.abort()
 
