@@ -84,6 +84,18 @@ static void combine_scalar(const float *c, const float *b, void *out, Py_ssize_t
 }
 
 #ifdef CNDIFF_X86
+/* fold a SIMD loop's 8 lanes of max |d| and of NaN marks into the scalar figures */
+__attribute__((target("avx2")))
+static inline void fold_lanes(__m256 vmax, __m256 vnan, float *maxabs, int *nan) {
+    float lanes[8], nans[8];
+    _mm256_storeu_ps(lanes, vmax);
+    _mm256_storeu_ps(nans, vnan);
+    for (int k = 0; k < 8; k++) {
+        if (f32_bits(nans[k])) *nan = 1;
+        if (lanes[k] > *maxabs) *maxabs = lanes[k];
+    }
+}
+
 __attribute__((target("avx2,f16c")))
 static void combine_avx2(const float *c, const float *b, void *out, Py_ssize_t n, int op,
                          int kind, Stats *st) {
@@ -118,13 +130,7 @@ static void combine_avx2(const float *c, const float *b, void *out, Py_ssize_t n
             _mm256_storeu_ps((float *)out + i, d);
         }
     }
-    float lanes[8], nans[8];
-    _mm256_storeu_ps(lanes, vmax);
-    _mm256_storeu_ps(nans, vnan);
-    for (int k = 0; k < 8; k++) {
-        if (f32_bits(nans[k])) st->nan = 1;
-        if (lanes[k] > st->maxabs) st->maxabs = lanes[k];
-    }
+    fold_lanes(vmax, vnan, &st->maxabs, &st->nan);
     if (i < n) {
         size_t w = kind == OUT_F32 ? 4 : 2;
         combine_scalar(c + i, b ? b + i : NULL, (char *)out + i * w, n - i, op, kind, st);
@@ -190,13 +196,7 @@ static void compare_avx2(const float *e, const float *b, Py_ssize_t n, CompareSt
             st->sum_sq_b += lb[k];
         }
     }
-    float lanes[8], nans[8];
-    _mm256_storeu_ps(lanes, vmax);
-    _mm256_storeu_ps(nans, vnan);
-    for (int k = 0; k < 8; k++) {
-        if (f32_bits(nans[k])) st->nan = 1;
-        if (lanes[k] > st->maxabs) st->maxabs = lanes[k];
-    }
+    fold_lanes(vmax, vnan, &st->maxabs, &st->nan);
     if (i < n) compare_scalar(e + i, b + i, n - i, st);
 }
 #endif
