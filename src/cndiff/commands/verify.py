@@ -171,12 +171,8 @@ def _finite(v: Any) -> Any:
 def _f32(raw: Raw, kernels=None) -> np.ndarray:
     if raw.dtype is F32:
         return raw.data
-    if raw.dtype is F16 and kernels is not None:  # (the same bits as numpy's cast)
-        out = np.empty(raw.data.size, np.float32)
-        kernels.half_to_float(raw.data.view(np.uint16), out)
-        return out
     if raw.dtype.raw or raw.dtype.is_float:
-        return to_float32(raw, np.empty(raw.data.size, np.float32))
+        return to_float32(raw, np.empty(raw.data.size, np.float32), kernels)
     raise CheckpointError(f"expected a float tensor, found {raw.dtype.name}")
 
 
