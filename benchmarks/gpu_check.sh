@@ -87,25 +87,23 @@ fi
 
 step "CPU vs $OTHER bit identity on the pair: extract, apply, verify"
 TIMEFORMAT="   %R s wall"
-rc=0
-for dev in cpu "$OTHER"; do
-    args=(--device cpu); [ "$dev" = cpu ] || args=("${OTHER_ARGS[@]}")
-    echo "extract ${args[*]}:"
-    time timeout "$(limit 120)" "$PY" -m cndiff extract "$CONTROL" "$BASE" \
-        -o "$DATA/id-diff-$dev.safetensors" --overwrite -q "${args[@]}" || rc=1
-done
-[ $rc -eq 0 ] && cmp "$DATA/id-diff-cpu.safetensors" "$DATA/id-diff-$OTHER.safetensors" \
-    && echo "identical: $(stat -c %s "$DATA/id-diff-cpu.safetensors") bytes"
+# cndiff SUBCOMMAND ARGS... on the CPU and on $OTHER, to $DATA/id-NAME-<device>.safetensors;
+# succeeds when both ran and wrote the same bytes
+same_on_both() {
+    local name=$1 rc=0 dev args
+    shift
+    for dev in cpu "$OTHER"; do
+        args=(--device cpu); [ "$dev" = cpu ] || args=("${OTHER_ARGS[@]}")
+        echo "$1 ${args[*]}:"
+        time timeout "$(limit 120)" "$PY" -m cndiff "$@" \
+            -o "$DATA/id-$name-$dev.safetensors" --overwrite -q "${args[@]}" || rc=1
+    done
+    [ $rc -eq 0 ] && cmp "$DATA/id-$name-cpu.safetensors" "$DATA/id-$name-$OTHER.safetensors" \
+        && echo "identical: $(stat -c %s "$DATA/id-$name-cpu.safetensors") bytes"
+}
+same_on_both diff extract "$CONTROL" "$BASE"
 check bit-identity-extract $?
-rc=0
-for dev in cpu "$OTHER"; do
-    args=(--device cpu); [ "$dev" = cpu ] || args=("${OTHER_ARGS[@]}")
-    echo "apply ${args[*]}:"
-    time timeout "$(limit 120)" "$PY" -m cndiff apply "$DATA/id-diff-$OTHER.safetensors" "$BASE" \
-        -o "$DATA/id-applied-$dev.safetensors" --overwrite -q "${args[@]}" || rc=1
-done
-[ $rc -eq 0 ] && cmp "$DATA/id-applied-cpu.safetensors" "$DATA/id-applied-$OTHER.safetensors" \
-    && echo "identical: $(stat -c %s "$DATA/id-applied-cpu.safetensors") bytes"
+same_on_both applied apply "$DATA/id-diff-$OTHER.safetensors" "$BASE"
 check bit-identity-apply $?
 echo "verify of the $OTHER diff:"
 time timeout "$(limit 120)" "$PY" -m cndiff verify "$DATA/id-diff-$OTHER.safetensors" \
