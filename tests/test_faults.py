@@ -546,6 +546,36 @@ def test_input_read_error(pair, tmp_path, monkeypatch):
     assert names(tmp_path) == set()
 
 
+def test_zip_headers_are_prefetched_and_the_hint_may_fail(pair, tmp_path, monkeypatch, reference):
+    """Opening a torch archive asks the kernel to read every entry's local header ahead
+    (cold, they are scattered seeks); the hint failing changes nothing."""
+    import zipfile
+
+    import cndiff.inputs.torchfile
+
+    control, base = pair
+    advised: list[tuple[int, int]] = []
+
+    def advise(fd, offset, length, advice):
+        assert advice == os.POSIX_FADV_WILLNEED
+        advised.append((fd, offset))
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))  # only the first is asked
+
+    monkeypatch.setattr(cndiff.inputs.torchfile, "os", OsProxy(posix_fadvise=advise))
+    out = tmp_path / "diff.safetensors"
+    cndiff.extract(control, base, out, device="cpu")
+    assert out.read_bytes() == reference
+    assert len(advised) == 2  # control and base, each stopped at its first failure
+
+    advised.clear()
+    monkeypatch.setattr(cndiff.inputs.torchfile, "os",
+                        OsProxy(posix_fadvise=lambda fd, o, n, a: advised.append((fd, o))))
+    cndiff.open_checkpoint(control).close()
+    with zipfile.ZipFile(control) as zf:
+        offsets = sorted(i.header_offset for i in zf.infolist())
+    assert sorted(o for _, o in advised) == offsets
+
+
 # -- permissions and odd output paths ------------------------------------------------------------
 
 

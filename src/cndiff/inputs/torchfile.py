@@ -44,6 +44,10 @@ _LEGACY_WINDOW = 1 << 20
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
+# local headers whose reading is started at once (see _Archive.prefetch_headers), and the
+# bytes of each: the fixed part and a name of up to a few hundred bytes
+_PREFETCH_MAX = 1 << 16
+_PREFETCH_BYTES = 512
 # the zip format versions torch 2.13 reads (caffe2/serialize/versions.h)
 _ZIP_VERSIONS = range(1, 11)
 
@@ -178,6 +182,20 @@ class _Archive:
                 f"{safe_repr(prefix.decode('utf-8', 'replace'))}"
             )
 
+    def prefetch_headers(self) -> None:
+        """Ask the kernel to start reading every entry's local header now (they lie
+        scattered over the file: cold, a few thousand waits of a disk seek one after the
+        other), so that :meth:`data_start` finds them read. Only a hint: no error, at most
+        ``_PREFETCH_MAX`` entries."""
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is None:
+            return
+        for info in list(self.by_name.values())[:_PREFETCH_MAX]:
+            try:
+                advise(self.fd, info.header_offset, _PREFETCH_BYTES, os.POSIX_FADV_WILLNEED)
+            except (OSError, ValueError, OverflowError):
+                return
+
     def get(self, record: str) -> zipfile.ZipInfo | None:
         """The entry torch reads for ``record`` (of the archive's folder), or None."""
         return self.by_name.get((self.prefix + record.encode("utf-8")).lower())
@@ -278,6 +296,7 @@ def open_torch_zip(p: Path, name: str, fd: int, size: int) -> Checkpoint:
                 f"{safe_repr(str(exc), 200)}); download it again"
             ) from None
         ar = _Archive(name, fd, size, zf)
+        ar.prefetch_headers()  # read by the kernel while the pickle is parsed
         pkl = ar.get("data.pkl")
         if pkl is None:
             raise CheckpointError(f"{name} is a zip archive but not a torch checkpoint")
