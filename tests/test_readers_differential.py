@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickletools
 
 import numpy as np
 import pytest
@@ -149,6 +150,39 @@ def test_protocol_4_pickles(tmp_path):
     assert compare(path) in ("both-open",) or compare(path).startswith("reference-refuses")
     with open_checkpoint(path) as ck:
         assert ck.read("a").tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_every_cut_of_a_state_dict_pickle_is_refused_as_ending_early():
+    """The opcodes of a state dict's pickle read their arguments in place: cut anywhere
+    (in an opcode, in its argument, in a string), the pickle ends early; whole, it gives
+    what torch.load gives. (Protocol 2 as torch writes it: BININT1/2/BININT sizes, more
+    than 256 memo entries, so LONG_BINPUT and BINGET too.)"""
+    import zipfile
+
+    from cndiff.inputs.unpickle import PickleEndsError, TensorRef, restricted_load
+
+    sd = {f"layer{i}.weight": torch.zeros(i % 3 + 1, 300 * i + 1) for i in range(60)}
+    sd["big"] = torch.zeros(70000)
+    with zipfile.ZipFile(io.BytesIO(_save(sd, legacy=False))) as zf:
+        data = zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl")))
+    at: dict[str, list[int]] = {}
+    for op, _, pos in pickletools.genops(data):
+        at.setdefault(op.name, []).append(pos)
+    assert {"BININT", "BININT1", "BININT2", "LONG_BINPUT", "BINGET", "BINUNICODE"} <= set(at)
+    whole = restricted_load(data, pids="zip")
+    assert whole.end == len(data)
+    got = {k: (v.shape, v.stride, v.offset) for k, v in whole.obj.items()}
+    assert all(isinstance(v, TensorRef) for v in whole.obj.values())
+    assert got == {k: (tuple(t.shape), t.stride(), t.storage_offset()) for k, t in sd.items()}
+    # every cut in and just after the first and last two opcodes of each kind
+    starts = sorted(p for ps in at.values() for p in ps) + [len(data)]
+    cuts: set[int] = set()
+    for ps in at.values():
+        for p in ps[:2] + ps[-2:]:
+            cuts.update(range(p, starts[starts.index(p) + 1] + 1))
+    for cut in sorted(cuts - {len(data)}):
+        with pytest.raises(PickleEndsError):
+            restricted_load(data[:cut], pids="zip")
 
 
 # -- safetensors files written by the safetensors library ----------------------------------

@@ -218,11 +218,13 @@ class PickleEndsError(CheckpointError):
 
 
 def _check_int_tuple(value: Any, what: str) -> tuple[int, ...]:
-    if (
-        not isinstance(value, tuple)
-        or len(value) > MAX_NDIM
-        or not all(type(v) is int and v >= 0 for v in value)
-    ):
+    ok = isinstance(value, tuple) and len(value) <= MAX_NDIM
+    if ok:
+        for v in value:  # (a loop: faster than all() over a generator, per tensor)
+            if type(v) is not int or v < 0:
+                ok = False
+                break
+    if not ok:
         raise CheckpointError(
             f"corrupt checkpoint: tensor {what} is {safe_repr(value)}, not up to {MAX_NDIM} sizes"
         )
@@ -260,7 +262,9 @@ def _rebuild_tensor_v2(args: tuple) -> TensorRef:
     # The last element the view touches must lie inside the storage; torch's own mmap
     # loading once accepted views larger than their storage and read past it.
     if all(shape):
-        last = storage_offset + sum((n - 1) * s for n, s in zip(shape, strides))
+        last = storage_offset
+        for n, s in zip(shape, strides):
+            last += (n - 1) * s
         if last >= storage.numel:
             raise CheckpointError(
                 f"corrupt checkpoint: a tensor of shape {safe_repr(list(shape))} reaches "
@@ -325,8 +329,21 @@ def _torch_size(args: tuple) -> tuple[int, ...]:
 
 _ENCODINGS = ("latin1", "latin-1", "utf-8", "utf8")
 
+# (the opcodes a state dict's pickle is made of read their arguments with these, in place)
+_U16 = struct.Struct("<H").unpack_from
+_I32 = struct.Struct("<i").unpack_from
+_U32 = struct.Struct("<I").unpack_from
+
 
 # -- the machine ---------------------------------------------------------------------------
+
+#: what :meth:`_Machine.hash_cost` says of an object of these types (None: unhashable),
+#: looked up first when a tuple is built
+_TYPE_COST: dict[type, int | None] = {
+    bytes: 1, float: 1, bool: 1, type(None): 1,
+    StorageRef: 8, _Global: 8, _StorageType: 8,
+    list: None, dict: None, set: None, bytearray: None, _OrderedDict: None,
+}  # fmt: skip
 
 _OBJECT_COST = 64  # bytes, about what a small Python object costs
 _ITEM_COST = 16  # bytes per item held by a container or the memo
@@ -360,6 +377,7 @@ class Unpickled:
 class _Machine:
     def __init__(self, data: bytes, pids: str | None, budget: int, work: int) -> None:
         self.data = data
+        self.n = len(data)
         self.pos = 0
         self.pids = pids
         self.budget = budget
@@ -464,7 +482,9 @@ class _Machine:
         return items
 
     def push(self, obj: Any, nbytes: int = 0) -> None:
-        self.charge(_OBJECT_COST + nbytes)
+        self.cost += _OBJECT_COST + nbytes
+        if self.cost > self.budget:
+            self.charge(0)
         self.stack.append(obj)
 
     # -- hashing: what it costs, and no collisions ------------------------------------------
@@ -507,13 +527,13 @@ class _Machine:
         if not t:
             return ()
         depth = 0
-        cost: int | None = 1
+        cost = 1
+        hashable = True
         meta = self.meta
         for x in t:
             tx = type(x)
             if tx is str or tx is int and -(1 << 63) <= x < 1 << 63:
-                if cost is not None:
-                    cost += 1
+                cost += 1
                 continue
             if tx is tuple or tx is frozenset:
                 m = meta.get(id(x))
@@ -521,13 +541,18 @@ class _Machine:
                 if d > depth:
                     depth = d
             else:
-                c = self.hash_cost(x)
-            cost = None if cost is None or c is None else cost + c
+                c = _TYPE_COST.get(tx, -1)
+                if c == -1:
+                    c = self.hash_cost(x)
+            if c is None:
+                hashable = False
+            else:
+                cost += c
         depth += 1
         if depth > MAX_NESTING:
             raise _corrupt(f"tuples nested more than {MAX_NESTING} deep")
         self.charge(_OBJECT_COST + _TUPLE_META_COST + _ITEM_COST * len(t))
-        meta[id(t)] = (t, depth, cost)
+        meta[id(t)] = (t, depth, cost if hashable else None)
         return t
 
     def check_key(self, container: Any, key: Any) -> None:
@@ -773,16 +798,36 @@ class _Machine:
         self.push(True)
 
     def op_NEWFALSE(self) -> None:
-        self.push(False)
+        self.cost += _OBJECT_COST
+        if self.cost > self.budget:
+            self.charge(0)
+        self.stack.append(False)
 
+    # (the most frequent opcodes read their arguments in place: a state dict's pickle is
+    # tens of thousands of them, and a file's opening waits for all of them)
     def op_BININT(self) -> None:
-        self.push(struct.unpack("<i", self.read(4))[0])
+        pos = self.pos
+        if pos + 4 > self.n:
+            raise PickleEndsError()
+        self.pos = pos + 4
+        self.push(_I32(self.data, pos)[0])
 
     def op_BININT1(self) -> None:
-        self.push(self.read(1)[0])
+        pos = self.pos
+        if pos >= self.n:
+            raise PickleEndsError()
+        self.pos = pos + 1
+        self.cost += _OBJECT_COST
+        if self.cost > self.budget:
+            self.charge(0)
+        self.stack.append(self.data[pos])
 
     def op_BININT2(self) -> None:
-        self.push(struct.unpack("<H", self.read(2))[0])
+        pos = self.pos
+        if pos + 2 > self.n:
+            raise PickleEndsError()
+        self.pos = pos + 2
+        self.push(_U16(self.data, pos)[0])
 
     def op_LONG1(self) -> None:
         (n,) = self.read(1)
@@ -799,22 +844,30 @@ class _Machine:
     def op_BINFLOAT(self) -> None:
         self.push(struct.unpack(">d", self.read(8))[0])
 
-    def _text(self, raw: bytes) -> str:
-        try:
-            return raw.decode("utf-8", "surrogatepass")
-        except UnicodeDecodeError:
-            raise _corrupt(f"a string that is not UTF-8, before byte {self.pos}") from None
-
     def _push_text(self, n: int) -> None:
-        raw = self.read(n)
-        self.spend(n >> 6)
-        self.push(self._text(raw), n)
+        pos = self.pos
+        end = pos + n
+        if end > self.n:
+            raise PickleEndsError()
+        self.pos = end
+        self.work_left -= n >> 6
+        if self.work_left < 0:
+            self.spend(0)
+        try:
+            text = self.data[pos:end].decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            raise _corrupt(f"a string that is not UTF-8, before byte {end}") from None
+        self.push(text, n)
 
     def op_SHORT_BINUNICODE(self) -> None:
         self._push_text(self.read(1)[0])
 
     def op_BINUNICODE(self) -> None:
-        self._push_text(struct.unpack("<I", self.read(4))[0])
+        pos = self.pos
+        if pos + 4 > self.n:
+            raise PickleEndsError()
+        self.pos = pos + 4
+        self._push_text(_U32(self.data, pos)[0])
 
     def op_BINUNICODE8(self) -> None:
         self._push_text(struct.unpack("<Q", self.read(8))[0])
@@ -870,7 +923,10 @@ class _Machine:
         self.push(set())
 
     def op_EMPTY_TUPLE(self) -> None:
-        self.push(())
+        self.cost += _OBJECT_COST
+        if self.cost > self.budget:
+            self.charge(0)
+        self.stack.append(())
 
     def op_LIST(self) -> None:
         items = self.pop_mark()
@@ -961,14 +1017,27 @@ class _Machine:
         # is corrupt (and the C unpickler sized its memo table by it: gigabytes)
         if not 0 <= idx < self.ops:
             raise _corrupt(f"memo index {idx} at byte {self.pos}")
-        self.memo[idx] = self.top()
-        self.charge(_ITEM_COST)
+        stack = self.stack
+        if not stack:
+            raise _corrupt(f"stack underflow at byte {self.pos - 1}")
+        self.memo[idx] = stack[-1]
+        self.cost += _ITEM_COST
+        if self.cost > self.budget:
+            self.charge(0)
 
     def op_BINPUT(self) -> None:
-        self._memo_put(self.read(1)[0])
+        pos = self.pos
+        if pos >= self.n:
+            raise PickleEndsError()
+        self.pos = pos + 1
+        self._memo_put(self.data[pos])
 
     def op_LONG_BINPUT(self) -> None:
-        self._memo_put(struct.unpack("<I", self.read(4))[0])
+        pos = self.pos
+        if pos + 4 > self.n:
+            raise PickleEndsError()
+        self.pos = pos + 4
+        self._memo_put(_U32(self.data, pos)[0])
 
     def op_MEMOIZE(self) -> None:
         self._memo_put(len(self.memo))
@@ -980,7 +1049,11 @@ class _Machine:
             raise _corrupt(f"memo index {idx} never stored, at byte {self.pos}") from None
 
     def op_BINGET(self) -> None:
-        self._memo_get(self.read(1)[0])
+        pos = self.pos
+        if pos >= self.n:
+            raise PickleEndsError()
+        self.pos = pos + 1
+        self._memo_get(self.data[pos])
 
     def op_LONG_BINGET(self) -> None:
         self._memo_get(struct.unpack("<I", self.read(4))[0])
@@ -1005,9 +1078,11 @@ class _Machine:
         self.push(self.find_class(module, name))
 
     def op_REDUCE(self) -> None:
-        args = self.pop()
-        fn = self.top()
-        self.stack[-1] = self.call(fn, args)
+        stack = self.stack
+        if len(stack) < 2:
+            raise _corrupt(f"stack underflow at byte {self.pos - 1}")
+        args = stack.pop()
+        stack[-1] = self.call(stack[-1], args)
 
     def op_INST(self) -> None:
         cls = self.find_class(*self._global_names())
