@@ -137,6 +137,62 @@ def _values(dtype: str, n: int, seed: int) -> torch.Tensor:
     return x.to(t)
 
 
+@needs_native
+@pytest.mark.parametrize("simd", [True, False], ids=["avx2-f16c", "scalar"])
+@pytest.mark.parametrize("half", ["c", "b", "both"])
+def test_native_pass_reading_float16_is_the_numpy_path(simd, half):
+    """The native pass converts a float16 input as it reads it (sub and add): every
+    float16 pattern, NaN payloads included, at every start offset mod 8, against the
+    numpy-only backend (which converts first), for every output dtype, whole and in
+    segments."""
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    rng = np.random.default_rng(7)
+    other32 = _all_patterns(1 << 16)[: h.size].view(np.float32)
+    rng.shuffle(other32)
+    other16 = np.roll(h, 12345)
+    c = h if half in ("c", "both") else other32
+    b = h if half == "b" else other16 if half == "both" else other32
+    plain, native = NumpyBackend(native=False), NumpyBackend(native=True)
+    both_nan = np.isnan(c.astype(np.float32)) & np.isnan(b.astype(np.float32))
+    previous = native_kernels.set_simd(simd)
+    try:
+        for op, out_name, start in itertools.product(["sub", "add"], OUT_DTYPES, range(9)):
+            odt = by_name(out_name)
+            rc = Raw(c[start:], by_name(str(c.dtype)))
+            rb = Raw(b[start:], by_name(str(b.dtype)))
+            want, got = np.empty(c.size - start, odt.numpy), np.empty(c.size - start, odt.numpy)
+            with np.errstate(all="ignore"):
+                m_want = plain.combine(op, rc, rb, want, odt)
+                m_got = native.combine(op, rc, rb, got, odt)
+            keep = ~both_nan[start:]
+            assert np.array_equal(_elements(got, odt)[keep], _elements(want, odt)[keep]), (
+                op,
+                out_name,
+                start,
+            )
+            assert np.isnan(m_got) and np.isnan(m_want)
+            if start == 0:
+                starts = np.array([0, 5, 5, 4000, 65536], np.int64)
+                seg = np.empty(c.size, odt.numpy)
+                maxes = native.combine_many(op, rc, rb, seg, odt, starts)
+                assert np.array_equal(_elements(seg, odt)[keep], _elements(got, odt)[keep])
+                with np.errstate(all="ignore"):
+                    for j in range(4):
+                        lo, hi = starts[j], starts[j + 1]
+                        one = np.empty(hi - lo, odt.numpy)
+                        mj = plain.combine(op, Raw(c[lo:hi], rc.dtype), Raw(b[lo:hi], rb.dtype),
+                                           one, odt)  # fmt: skip
+                        assert maxes[j] == mj or (np.isnan(maxes[j]) and np.isnan(mj))
+    finally:
+        native_kernels.set_simd(previous)
+    with pytest.raises(ValueError, match="input kinds"):
+        native_kernels.combine(h.view(np.uint16), None, np.empty(h.size, np.float32), 0, 0, True)
+    with pytest.raises(ValueError, match="sizes"):
+        native_kernels.combine(
+            h.view(np.uint16), h.view(np.uint16), np.empty(h.size, np.float32), 1, 0, True
+        )
+
+
 def _raw(t: torch.Tensor) -> Raw:
     dt = by_name(str(t.dtype))
     arr = t.view(torch.uint8).numpy().view(dt.numpy) if dt.raw else t.numpy()

@@ -59,19 +59,48 @@ static inline uint16_t bf16_scalar(float x) {
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* float16 bits -> float32, exactly (a NaN keeps its payload, unquieted) */
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    if (e == 0) {
+        float v = (float)m * (1.0f / 16777216.0f); /* m * 2^-24, exact */
+        return sign ? -v : v;
+    }
+    if (e == 31) return bits_f32(sign | 0x7F800000u | (m << 13));
+    return bits_f32(sign | ((e + 112u) << 23) | (m << 13));
+}
+
 /* -- the fused pass: d = c op b; out = round(d); max |d| ------------------------------------ */
+
+/* An input of the pass: float32, or float16 bits (half) converted as they are read; a half
+   input only with OP_SUB/OP_ADD, whose arithmetic quiets a NaN whichever way it came in
+   (so F16C's conversion, which quiets a signaling NaN, gives the same bits as the exact one
+   followed by the operation). */
+typedef struct {
+    const void *p;
+    int half;
+} In;
+
+static inline float in_at(In x, Py_ssize_t i) {
+    return x.half ? half_to_float(((const uint16_t *)x.p)[i]) : ((const float *)x.p)[i];
+}
+
+static inline In in_from(In x, Py_ssize_t i) {
+    In r = {x.p ? (const char *)x.p + i * (x.half ? 2 : 4) : NULL, x.half};
+    return r;
+}
 
 typedef struct {
     float maxabs;
     int nan;
 } Stats;
 
-static void combine_scalar(const float *c, const float *b, void *out, Py_ssize_t n, int op,
-                           int kind, Stats *st) {
+static void combine_scalar(In c, In b, void *out, Py_ssize_t n, int op, int kind, Stats *st) {
     float m = st->maxabs;
     int nan = st->nan;
     for (Py_ssize_t i = 0; i < n; i++) {
-        float d = op == OP_SUB ? c[i] - b[i] : op == OP_ADD ? c[i] + b[i] : c[i];
+        float ci = in_at(c, i);
+        float d = op == OP_SUB ? ci - in_at(b, i) : op == OP_ADD ? ci + in_at(b, i) : ci;
         float a = fabsf(d);
         if (a != a) nan = 1;
         else if (a > m) m = a;
@@ -97,8 +126,13 @@ static inline void fold_lanes(__m256 vmax, __m256 vnan, float *maxabs, int *nan)
 }
 
 __attribute__((target("avx2,f16c")))
-static void combine_avx2(const float *c, const float *b, void *out, Py_ssize_t n, int op,
-                         int kind, Stats *st) {
+static inline __m256 in_load8(In x, Py_ssize_t i) {
+    if (x.half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)x.p + i)));
+    return _mm256_loadu_ps((const float *)x.p + i);
+}
+
+__attribute__((target("avx2,f16c")))
+static void combine_avx2(In c, In b, void *out, Py_ssize_t n, int op, int kind, Stats *st) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     __m256 vmax = _mm256_setzero_ps();
     __m256 vnan = _mm256_setzero_ps();
@@ -106,9 +140,9 @@ static void combine_avx2(const float *c, const float *b, void *out, Py_ssize_t n
     const __m256i allones = _mm256_set1_epi32(0xFFFF);
     Py_ssize_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        __m256 d = _mm256_loadu_ps(c + i);
-        if (op == OP_SUB) d = _mm256_sub_ps(d, _mm256_loadu_ps(b + i));
-        else if (op == OP_ADD) d = _mm256_add_ps(d, _mm256_loadu_ps(b + i));
+        __m256 d = in_load8(c, i);
+        if (op == OP_SUB) d = _mm256_sub_ps(d, in_load8(b, i));
+        else if (op == OP_ADD) d = _mm256_add_ps(d, in_load8(b, i));
         __m256 a = _mm256_and_ps(d, absmask);
         vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
         vmax = _mm256_max_ps(vmax, a); /* (NaN lanes: vnan records them) */
@@ -133,7 +167,7 @@ static void combine_avx2(const float *c, const float *b, void *out, Py_ssize_t n
     fold_lanes(vmax, vnan, &st->maxabs, &st->nan);
     if (i < n) {
         size_t w = kind == OUT_F32 ? 4 : 2;
-        combine_scalar(c + i, b ? b + i : NULL, (char *)out + i * w, n - i, op, kind, st);
+        combine_scalar(in_from(c, i), in_from(b, i), (char *)out + i * w, n - i, op, kind, st);
     }
 }
 
@@ -205,16 +239,6 @@ static void compare_avx2(const float *e, const float *b, Py_ssize_t n, CompareSt
 
 /* precision bits and smallest frexp exponent of a normal number, per kind */
 static const int PREC[3] = {24, 11, 8}, EMIN[3] = {-125, -13, -125};
-
-static inline float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
-    if (e == 0) {
-        float v = (float)m * (1.0f / 16777216.0f); /* m * 2^-24, exact */
-        return sign ? -v : v;
-    }
-    if (e == 31) return bits_f32(sign | 0x7F800000u | (m << 13));
-    return bits_f32(sign | ((e + 112u) << 23) | (m << 13));
-}
 
 /* float16 bits -> float32, exact; NaN keeps sign and payload unquieted (as numpy) */
 static void half_to_float_scalar(const uint16_t *h, float *out, Py_ssize_t n) {
@@ -455,14 +479,29 @@ static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *
 
 static int use_simd = 1;
 
+/* the element count of c (float32, or float16 bits when half) and whether b matches it */
+static int inputs_ok(Py_buffer *c, int c_half, Py_buffer *b, int have_b, int b_half,
+                     Py_ssize_t *n) {
+    Py_ssize_t wc = c_half ? 2 : 4, wb = b_half ? 2 : 4;
+    *n = c->len / wc;
+    return c->len % wc == 0 && (!have_b || b->len == *n * wb);
+}
+
+static int args_ok(int op, int kind, int c_half, int b_half) {
+    if (op < OP_COPY || op > OP_ADD || kind < OUT_F32 || kind > OUT_BF16 ||
+        ((c_half || b_half) && op == OP_COPY)) {
+        PyErr_SetString(PyExc_ValueError, "bad op, output kind or input kinds");
+        return 0;
+    }
+    return 1;
+}
+
 static PyObject *py_combine(PyObject *self, PyObject *args) {
     PyObject *co, *bo, *oo;
-    int op, kind;
-    if (!PyArg_ParseTuple(args, "OOOii", &co, &bo, &oo, &op, &kind)) return NULL;
-    if (op < OP_COPY || op > OP_ADD || kind < OUT_F32 || kind > OUT_BF16) {
-        PyErr_SetString(PyExc_ValueError, "bad op or output kind");
+    int op, kind, c_half = 0, b_half = 0;
+    if (!PyArg_ParseTuple(args, "OOOii|pp", &co, &bo, &oo, &op, &kind, &c_half, &b_half))
         return NULL;
-    }
+    if (!args_ok(op, kind, c_half, b_half)) return NULL;
     Py_buffer c, b, o;
     int have_b = bo != Py_None;
     if (get_buffer(co, &c, 0, "c") < 0) return NULL;
@@ -472,21 +511,20 @@ static PyObject *py_combine(PyObject *self, PyObject *args) {
         if (have_b) PyBuffer_Release(&b);
         return NULL;
     }
-    Py_ssize_t n = c.len / 4;
+    Py_ssize_t n;
     size_t w = kind == OUT_F32 ? 4 : 2;
-    int ok = c.len % 4 == 0 && (size_t)o.len >= (size_t)n * w && (!have_b || b.len == c.len)
+    int ok = inputs_ok(&c, c_half, &b, have_b, b_half, &n) && (size_t)o.len >= (size_t)n * w
              && (have_b || op == OP_COPY);
     Stats st = {0.0f, 0};
     if (ok) {
+        In ci = {c.buf, c_half}, bi = {have_b ? b.buf : NULL, b_half};
         Py_BEGIN_ALLOW_THREADS
 #ifdef CNDIFF_X86
         if (use_simd && have_avx2_f16c())
-            combine_avx2((const float *)c.buf, have_b ? (const float *)b.buf : NULL, o.buf, n,
-                         op, kind, &st);
+            combine_avx2(ci, bi, o.buf, n, op, kind, &st);
         else
 #endif
-            combine_scalar((const float *)c.buf, have_b ? (const float *)b.buf : NULL, o.buf, n,
-                           op, kind, &st);
+            combine_scalar(ci, bi, o.buf, n, op, kind, &st);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&c);
@@ -503,12 +541,11 @@ static PyObject *py_combine(PyObject *self, PyObject *args) {
    tensors, each segment's max |d| in maxes[j] (NaN when it holds a NaN) */
 static PyObject *py_combine_segments(PyObject *self, PyObject *args) {
     PyObject *co, *bo, *oo, *so, *mo;
-    int op, kind;
-    if (!PyArg_ParseTuple(args, "OOOiiOO", &co, &bo, &oo, &op, &kind, &so, &mo)) return NULL;
-    if (op < OP_COPY || op > OP_ADD || kind < OUT_F32 || kind > OUT_BF16) {
-        PyErr_SetString(PyExc_ValueError, "bad op or output kind");
+    int op, kind, c_half = 0, b_half = 0;
+    if (!PyArg_ParseTuple(args, "OOOiiOO|pp", &co, &bo, &oo, &op, &kind, &so, &mo, &c_half,
+                          &b_half))
         return NULL;
-    }
+    if (!args_ok(op, kind, c_half, b_half)) return NULL;
     Py_buffer c, b, o, st, mx;
     int have_b = bo != Py_None, got = 0;
     if (get_buffer(co, &c, 0, "c") < 0) return NULL;
@@ -522,31 +559,31 @@ static PyObject *py_combine_segments(PyObject *self, PyObject *args) {
     if (get_buffer(mo, &mx, 1, "maxes") < 0) goto fail;
     got = 5;
     {
-        Py_ssize_t n = c.len / 4, k = mx.len / 8;
+        Py_ssize_t n, k = mx.len / 8;
         size_t w = kind == OUT_F32 ? 4 : 2;
         const int64_t *starts = (const int64_t *)st.buf;
         double *maxes = (double *)mx.buf;
-        int ok = c.len % 4 == 0 && (size_t)o.len >= (size_t)n * w &&
-                 (!have_b || b.len == c.len) && (have_b || op == OP_COPY) &&
-                 st.len == (k + 1) * 8 && mx.len % 8 == 0;
+        int ok = inputs_ok(&c, c_half, &b, have_b, b_half, &n) && (size_t)o.len >= (size_t)n * w
+                 && (have_b || op == OP_COPY) && st.len == (k + 1) * 8 && mx.len % 8 == 0;
         for (Py_ssize_t j = 0; ok && j < k; j++)
             ok = starts[j] >= 0 && starts[j] <= starts[j + 1] && starts[j + 1] <= n;
         if (!ok) {
             PyErr_SetString(PyExc_ValueError, "buffer sizes or segments do not match");
             goto fail;
         }
-        const float *cb = (const float *)c.buf, *bb = have_b ? (const float *)b.buf : NULL;
+        In cb = {c.buf, c_half}, bb = {have_b ? b.buf : NULL, b_half};
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t j = 0; j < k; j++) {
             Stats sj = {0.0f, 0};
             Py_ssize_t a = starts[j], len = starts[j + 1] - a;
 #ifdef CNDIFF_X86
             if (use_simd && have_avx2_f16c())
-                combine_avx2(cb + a, bb ? bb + a : NULL, (char *)o.buf + a * w, len, op, kind, &sj);
+                combine_avx2(in_from(cb, a), in_from(bb, a), (char *)o.buf + a * w, len, op, kind,
+                             &sj);
             else
 #endif
-                combine_scalar(cb + a, bb ? bb + a : NULL, (char *)o.buf + a * w, len, op, kind,
-                               &sj);
+                combine_scalar(in_from(cb, a), in_from(bb, a), (char *)o.buf + a * w, len, op,
+                               kind, &sj);
             maxes[j] = sj.nan ? (double)NAN : (double)sj.maxabs;
         }
         Py_END_ALLOW_THREADS
@@ -697,11 +734,14 @@ static PyObject *py_simd(PyObject *self, PyObject *noargs) {
 
 static PyMethodDef methods[] = {
     {"combine", py_combine, METH_VARARGS,
-     "combine(c, b, out, op, kind) -> max |d|: d = c op b (float32; op 0 copy, 1 sub, 2 add), "
-     "rounded into out (kind 0 float32, 1 float16, 2 bfloat16 bits); NaN when any d is NaN."},
+     "combine(c, b, out, op, kind, c_half=False, b_half=False) -> max |d|: d = c op b "
+     "(float32; op 0 copy, 1 sub, 2 add), rounded into out (kind 0 float32, 1 float16, 2 "
+     "bfloat16 bits); NaN when any d is NaN. c_half/b_half: that input is float16 bits, "
+     "converted as it is read (sub and add only)."},
     {"combine_segments", py_combine_segments, METH_VARARGS,
-     "combine_segments(c, b, out, op, kind, starts, maxes): combine over the segments "
-     "[starts[j], starts[j+1]) (int64), each one's max |d| into maxes[j] (float64)."},
+     "combine_segments(c, b, out, op, kind, starts, maxes, c_half=False, b_half=False): "
+     "combine over the segments [starts[j], starts[j+1]) (int64), each one's max |d| into "
+     "maxes[j] (float64)."},
     {"compare", py_compare, METH_VARARGS,
      "compare(e, b) -> (max |b-e|, sum |b-e|, sum (b-e)^2, sum b^2), float32 inputs."},
     {"half_to_float", py_half_to_float, METH_VARARGS,

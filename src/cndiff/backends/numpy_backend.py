@@ -250,6 +250,18 @@ class NumpyBackend:
         """The chunk as float32: itself, or converted into ``out``."""
         return raw.data if raw.dtype is F32 else to_float32(raw, out, self.kernels)
 
+    def _fused_inputs(
+        self, c: Raw, b: Raw | None, s: _Scratch, n: int
+    ) -> tuple[np.ndarray, np.ndarray | None, bool, bool]:
+        """The native pass's inputs: float32 arrays, or float16 bits that it converts as it
+        reads them (in a subtraction or an addition: no pass of its own)."""
+        if b is None:
+            return self._f32(c, s.c32[:n]), None, False, False
+        c_half, b_half = c.dtype is F16, b.dtype is F16
+        cf = c.data.view(np.uint16) if c_half else self._f32(c, s.c32[:n])
+        bf = b.data.view(np.uint16) if b_half else self._f32(b, s.b32[:n])
+        return cf, bf, c_half, b_half
+
     def host_buffer(self, nbytes: int) -> np.ndarray:
         return np.empty(nbytes, dtype=np.uint8)
 
@@ -262,9 +274,9 @@ class NumpyBackend:
         if k is not None and c.dtype is not F64 and (b is None or b.dtype is not F64) \
                 and not (b is None and c.dtype is out_dtype):  # fmt: skip
             # one fused pass over float32: d = c op b, max |d|, rounded into out
-            cf = self._f32(c, s.c32[:n])
-            bf = None if b is None else self._f32(b, s.b32[:n])
-            return k.combine(cf, bf, out, _OP[op if b is not None else None], _KIND[out_dtype.name])
+            cf, bf, ch, bh = self._fused_inputs(c, b, s, n)
+            return k.combine(cf, bf, out, _OP[op if b is not None else None],
+                             _KIND[out_dtype.name], ch, bh)  # fmt: skip
         if b is None:
             if c.dtype is F64:
                 c64 = c.data
@@ -309,11 +321,10 @@ class NumpyBackend:
             return combine_segments(self, op, c, b, out, out_dtype, starts)
         n = c.data.size
         s = self._scratch(n)
-        cf = self._f32(c, s.c32[:n])
-        bf = None if b is None else self._f32(b, s.b32[:n])
+        cf, bf, ch, bh = self._fused_inputs(c, b, s, n)
         maxes = np.empty(len(starts) - 1, np.float64)
         k.combine_segments(cf, bf, out, _OP[op if b is not None else None],
-                           _KIND[out_dtype.name], starts, maxes)  # fmt: skip
+                           _KIND[out_dtype.name], starts, maxes, ch, bh)  # fmt: skip
         return maxes
 
     def compare(self, e: Raw, b: Raw):
