@@ -284,7 +284,7 @@ class NumpyBackend:
                 d = out if out_dtype is F32 else s.d32[:n]
                 np.copyto(d, c64, casting="unsafe")
             else:
-                d = c.data if c.dtype is F32 else to_float32(c, s.c32[:n])
+                d = self._f32(c, s.c32[:n])
                 m = max_abs(d)
                 if c.dtype is out_dtype:
                     np.copyto(out, c.data)  # the stored bits, NaN payloads included
@@ -303,8 +303,8 @@ class NumpyBackend:
                 d = out if out_dtype is F32 else s.d32[:n]
                 np.copyto(d, d64, casting="unsafe")
             else:
-                cf = c.data if c.dtype is F32 else to_float32(c, s.c32[:n])
-                bf = b.data if b.dtype is F32 else to_float32(b, s.b32[:n])
+                cf = self._f32(c, s.c32[:n])
+                bf = self._f32(b, s.b32[:n])
                 d = out if out_dtype is F32 else s.d32[:n]
                 ufunc(cf, bf, out=d)
                 m = max_abs(d)
