@@ -118,3 +118,36 @@ def test_synthetic_base_pickle_mentions_lightning(sd15_pair):
         pkl = next(n for n in z.namelist() if n.endswith("data.pkl"))
         assert b"pytorch_lightning.callbacks.model_checkpoint" in z.read(pkl)
     assert synthetic is not None
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_opening_pauses_the_garbage_collector_and_restores_it(tmp_path, enabled):
+    """The collector is paused while an index is read (a state dict's pickle builds tens of
+    thousands of objects): whatever it was before comes back, after a refusal too."""
+    import gc
+
+    good = tmp_path / "good.pth"
+    torch.save({"a": torch.ones(3)}, good)
+    bad = tmp_path / "bad.pth"
+    with open(bad, "wb") as f:
+        pickle.dump({"a": os.system}, f, protocol=2)
+    seen: list[bool] = []
+    real = cndiff.inputs.torchfile.restricted_load
+
+    def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cndiff.inputs.torchfile, "restricted_load", spy)
+            open_checkpoint(good).close()
+            assert gc.isenabled() is enabled
+            with pytest.raises(CheckpointError):
+                open_checkpoint(bad)
+            assert gc.isenabled() is enabled
+        assert seen == [False, False]
+    finally:
+        (gc.enable if was else gc.disable)()

@@ -127,7 +127,8 @@ static inline void fold_lanes(__m256 vmax, __m256 vnan, float *maxabs, int *nan)
 
 __attribute__((target("avx2,f16c")))
 static inline __m256 in_load8(In x, Py_ssize_t i) {
-    if (x.half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)x.p + i)));
+    if (x.half)
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)x.p + i)));
     return _mm256_loadu_ps((const float *)x.p + i);
 }
 

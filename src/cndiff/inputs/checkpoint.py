@@ -21,6 +21,7 @@ the file are escaped); Ctrl-C and SIGTERM are answered in every phase.
 
 from __future__ import annotations
 
+import gc
 import os
 import stat
 import threading
@@ -319,6 +320,12 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     except OSError as exc:
         raise CheckpointError(f"{shown}: cannot open ({exc.strerror})") from None
     name = escape(p.name)
+    # The cyclic garbage collector is paused while the index is read: every object built
+    # is kept, and the tens of thousands of them in a state dict's pickle (or millions in a
+    # large safetensors header) would otherwise set off collections that walk them all
+    # again and again, for nothing (SD1.5 pair: 94 collections, 8% of the opening).
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -348,6 +355,9 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     except BaseException:  # a refusal, Ctrl-C, SIGTERM (as an exception)...
         os.close(fd)
         raise
+    finally:
+        if collecting:
+            gc.enable()
     ckpt._mtime_ns = st.st_mtime_ns
     return ckpt
 
