@@ -459,3 +459,48 @@ def test_parallel_map_hands_out_ahead_items_behind_a_long_one():
         for r in parallel_map(fn, list(range(12)), 2, ahead=8):
             got.append(r)
     assert got == [i * i for i in range(9)]
+
+
+def test_a_lent_output_buffer_is_not_reused_until_it_is_given_back(tmp_path):
+    """The scheduler's output buffers may be lent (a writer keeps one instead of copying
+    it): while lent, no other chunk is computed into it; given back, it is used again."""
+    from safetensors.numpy import save_file
+
+    from cndiff import open_checkpoint
+    from cndiff.engine import Stream, run_streams
+    from cndiff.plan import PlanItem
+
+    rng = np.random.default_rng(3)
+    tensors = {f"t{i}": rng.standard_normal(5000 + 37 * i).astype(np.float32) for i in range(12)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    items = [PlanItem(k, k, None, v.shape) for k, v in tensors.items()]
+    held: list[tuple[np.ndarray, object]] = []  # (the bytes as delivered, the buffer)
+    seen: list[bytes] = []
+    back: list = []
+
+    def kernel(ch):
+        out = ch.out[: ch.count * 4].view(np.float32)
+        out[:] = ch.c.data
+        return out
+
+    def sink(item, out, ch):
+        for _, buf in held:  # never a buffer still lent
+            assert not np.shares_memory(buf, out)
+        seen.append(out.tobytes())
+        release = ch.lend_out()
+        assert release is not None
+        held.append((out.copy(), out))
+        back.append(release)
+        if len(back) == 5:  # give the oldest back: it may be used again
+            back.pop(0)()
+            old, buf = held.pop(0)
+            assert np.array_equal(buf, old)  # untouched while lent
+
+    with open_checkpoint(path) as ck:
+        stream = Stream(items, ck, kernel, sink=sink)
+        run_streams([stream], NumpyBackend(native=False), chunk=2048, workers=2)
+    want = [v[s : s + 2048].tobytes() for v in tensors.values() for s in range(0, v.size, 2048)]
+    assert seen == want
+    for old, buf in held:
+        assert np.array_equal(buf, old)

@@ -212,6 +212,52 @@ def test_writer_sha256_is_the_files_while_the_caller_reuses_its_buffer(tmp_path)
     assert w.sha256 == hashlib.sha256(data).hexdigest()
 
 
+def test_writer_keeps_a_lent_buffer_until_written_and_hashed(tmp_path):
+    """``write(data, release)``: no copy; ``release`` is called once per write, only after
+    the bytes are written and hashed (here it scribbles over the buffer at once, as the
+    engine reuses a slot), and no more than the writer's depth are held at a time."""
+    import hashlib
+    import threading
+
+    import numpy as np
+
+    from cndiff.dtypes import F16
+    from cndiff.writer import OutputEntry, SafetensorsWriter
+
+    sizes = [3, 40_000, 3_000_000, 70_000, 5_000_000, 1, 200_000, 2_500_000, 65_536] * 3
+    entries = [OutputEntry(f"t{i}", F16, (n,)) for i, n in enumerate(sizes)]
+    rng = np.random.default_rng(11)
+    wanted, released, held, most = [], [], [0], [0]
+    lock = threading.Lock()
+
+    def lend(buf: np.ndarray, i: int):
+        with lock:
+            held[0] += 1
+            most[0] = max(most[0], held[0])
+
+        def release() -> None:
+            buf[:] = 0  # reused at once
+            with lock:
+                held[0] -= 1
+                released.append(i)
+
+        return release
+
+    target = tmp_path / "o.safetensors"
+    with SafetensorsWriter(target, entries) as w:
+        for i, n in enumerate(sizes):
+            buf = rng.standard_normal(n).astype(np.float16)
+            wanted.append(buf.tobytes())
+            w.write(buf, lend(buf, i))
+        w.commit()
+    data = target.read_bytes()
+    (hlen,) = struct.unpack("<Q", data[:8])
+    assert data[8 + hlen :] == b"".join(wanted)
+    assert w.sha256 == hashlib.sha256(data).hexdigest()
+    assert sorted(released) == list(range(len(sizes))) and held[0] == 0
+    assert most[0] <= 4 + 1  # the writer's depth (and the one being handed over)
+
+
 def test_never_reads_non_control_tensors(sd15_pair, tmp_path, monkeypatch):
     from cndiff.inputs import checkpoint as ck
 

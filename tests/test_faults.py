@@ -508,7 +508,7 @@ def test_input_changing_while_read(pair, tmp_path, monkeypatch, which, change):
     real_write = SafetensorsWriter.write
     calls = [0]
 
-    def write(self, data) -> None:
+    def write(self, data, release=None) -> None:
         calls[0] += 1
         if calls[0] == 3:  # a few tensors in: the file changes under the reader
             size = victim.stat().st_size
@@ -521,7 +521,7 @@ def test_input_changing_while_read(pair, tmp_path, monkeypatch, which, change):
                 else:  # same size, other bytes (the last 64 KiB: tensor data)
                     f.seek(size - 65536)
                     f.write(os.urandom(65536))
-        real_write(self, data)
+        real_write(self, data, release)
 
     monkeypatch.setattr(SafetensorsWriter, "write", write)
     with pytest.raises(CheckpointError, match="changed on disk|ended early|shrank"):

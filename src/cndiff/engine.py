@@ -13,6 +13,7 @@ here: kernels call a :mod:`cndiff.backends` backend.
 
 from __future__ import annotations
 
+import functools
 import operator
 import queue
 import threading
@@ -50,6 +51,13 @@ class ChunkIn:
     #: where each starts in the chunk (int64, with the total at the end)
     items: list[PlanItem] | None = None
     starts: np.ndarray | None = None
+    _lend: Callable[[], Callable[[], None] | None] | None = field(default=None, repr=False)
+
+    def lend_out(self) -> Callable[[], None] | None:
+        """Take ``out`` from the scheduler as it is (in a sink: a writer keeps it instead
+        of copying it): it is not used again until the returned function is called, from
+        any thread. None when it cannot be lent."""
+        return self._lend() if self._lend is not None else None
 
     @property
     def last(self) -> bool:
@@ -112,15 +120,17 @@ _NUMEL = operator.attrgetter("numel")
 
 @dataclass
 class _Slot:
-    """The reusable buffers of one task in flight."""
+    """The reusable buffers of one task in flight. Output buffers lent out (to a writer)
+    come back to ``spare``, shared by the slots, where they are taken again."""
 
     backend: Backend
     chunk: int
+    spare: queue.SimpleQueue
     c: np.ndarray = field(init=False)
     b: np.ndarray = field(init=False)
     e: np.ndarray = field(init=False)
     x: np.ndarray = field(init=False)
-    outs: list[np.ndarray] = field(default_factory=list)
+    outs: list[np.ndarray | None] = field(default_factory=list)
     results: list[Any] = field(default_factory=list)
     chunks: list[ChunkIn | None] = field(default_factory=list)
 
@@ -130,8 +140,24 @@ class _Slot:
 
     def out(self, j: int) -> np.ndarray:
         while len(self.outs) <= j:
-            self.outs.append(self.backend.host_buffer(self.chunk * 8))
-        return self.outs[j]
+            self.outs.append(None)
+        buf = self.outs[j]
+        if buf is None:
+            try:
+                buf = self.spare.get_nowait()
+            except queue.Empty:
+                buf = self.backend.host_buffer(self.chunk * 8)
+            self.outs[j] = buf
+        return buf
+
+    def lend(self, j: int) -> Callable[[], None] | None:
+        """Give output buffer ``j`` away until the returned function puts it with the
+        spares (the slot takes another for its next task)."""
+        buf = self.outs[j] if j < len(self.outs) else None
+        if buf is None:
+            return None
+        self.outs[j] = None
+        return functools.partial(self.spare.put, buf)
 
 
 def _tasks(streams: Sequence[Stream], chunk: int) -> Iterator[_Task]:
@@ -269,7 +295,8 @@ def _compute_pack(slot: _Slot, task: _Task) -> _Slot:
         b = None
         if item.base_key is not None and s.base is not None:
             b = _read_pack(s.base, [i.base_key for i in items], slot.b, task.count)  # type: ignore[misc]
-        chunk = ChunkIn(item, 0, task.count, c, b, None, None, slot.out(0), items, starts)
+        chunk = ChunkIn(item, 0, task.count, c, b, None, None, slot.out(0), items, starts,
+                        functools.partial(slot.lend, 0))  # fmt: skip
         slot.results = [s.kernel(chunk)]
         slot.chunks = [chunk]
     except Exception as exc:  # noqa: BLE001
@@ -301,7 +328,8 @@ def _compute(slot: _Slot, task: _Task) -> _Slot:
             ekey = s.embedded_key(item) if b is not None else None
             e = _read(s.control, ekey, slot.e, start, n) if ekey else None
             x = _read(s.extra, item.key, slot.x, start, n) if s.extra is not None else None
-            chunk = ChunkIn(item, start, n, c, b, e, x, slot.out(j))
+            chunk = ChunkIn(item, start, n, c, b, e, x, slot.out(j),
+                            _lend=functools.partial(slot.lend, j))  # fmt: skip
             slot.results.append(s.kernel(chunk))
             slot.chunks.append(chunk)
         except Exception as exc:  # noqa: BLE001 - every failure is reported per stream
@@ -369,6 +397,7 @@ def run_streams(
     is raised. ``KeyboardInterrupt`` and ``SystemExit`` always stop everything, promptly.
     """
     nslots = workers * 2
+    spare: queue.SimpleQueue = queue.SimpleQueue()  # output buffers back from writers
     free: list[_Slot] = []
     made = 0
     pending: deque[tuple[int, _Task]] = deque()
@@ -422,7 +451,7 @@ def run_streams(
         for seq, task in enumerate(_tasks(streams, chunk)):
             if not free:
                 if made < nslots:
-                    free.append(_Slot(backend, chunk))
+                    free.append(_Slot(backend, chunk, spare))
                     made += 1
                 else:
                     finish()

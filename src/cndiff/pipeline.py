@@ -247,7 +247,7 @@ def run_jobs(
             def sink(item: PlanItem, res: tuple, ch: ChunkIn, job: Job = job) -> None:
                 out, m, match = res
                 assert job.writer is not None
-                job.writer.write(out)
+                job.writer.write(out, ch.lend_out())  # (kept by the writer: no copy)
                 _note_maxes(job, item, m, ch)
                 if match is not None and job.match is not None:
                     job.match.add(match, first=ch.start == 0)

@@ -29,7 +29,7 @@ import re
 import stat
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from math import prod
 from pathlib import Path
 
@@ -423,12 +423,15 @@ class _WriteBehind:
     :meth:`put` copies the bytes into one of ``depth`` reusable buffers (a few bytes: into
     a ``bytes``) and returns at once, so the caller may reuse its own buffer and never
     waits for the disk or the hash, only, when they are ``depth`` buffers behind, for a
-    free one. Each buffer is written, then hashed, in order; the write of one overlaps the
-    hash of the one before (both release the GIL), beside the compute threads. An error
-    (a full disk: the file is then already removed) is raised by the next :meth:`put` or by
-    :meth:`finish`. :meth:`finish` waits for the rest and returns the hex digest;
-    :meth:`cancel` makes the threads drop what is left and waits for them, so the file can
-    then be closed safely (only the writing thread uses its descriptor).
+    free one. Or, given ``release``, it takes the caller's buffer as it is, without a copy,
+    and calls ``release()`` (on the hashing thread) once the buffer is written and hashed;
+    the caller must not touch it before (at most ``depth`` such buffers are held: the
+    next :meth:`put` waits). Each buffer is written, then hashed, in order; the write of
+    one overlaps the hash of the one before (both release the GIL), beside the compute
+    threads. An error (a full disk: the file is then already removed) is raised by the
+    next :meth:`put` or by :meth:`finish`. :meth:`finish` waits for the rest and returns
+    the hex digest; :meth:`cancel` makes the threads drop what is left and waits for them,
+    so the file can then be closed safely (only the writing thread uses its descriptor).
     """
 
     def __init__(self, file: AtomicFile, depth: int = 4) -> None:
@@ -437,6 +440,11 @@ class _WriteBehind:
         self._todo: queue.SimpleQueue = queue.SimpleQueue()  # to write
         self._written: queue.SimpleQueue = queue.SimpleQueue()  # to hash
         self._free: queue.SimpleQueue = queue.SimpleQueue()
+        # one token per caller's buffer that may be held (SimpleQueue: no Python-level lock
+        # for Ctrl-C to leave held)
+        self._tokens: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(depth):
+            self._tokens.put(True)
         self._made = 0
         self._depth = depth
         self._threads: tuple[threading.Thread, threading.Thread] | None = None
@@ -450,7 +458,7 @@ class _WriteBehind:
             if item is None:
                 self._written.put(None)
                 return
-            buf, n = item
+            buf, n, _ = item
             if self._error is None and not self._cancelled:
                 try:
                     with memoryview(buf) as whole, whole[:n] as view:
@@ -464,17 +472,21 @@ class _WriteBehind:
             item = self._written.get()
             if item is None:
                 return
-            buf, n = item
+            buf, n, release = item
             if self._error is None and not self._cancelled:
                 try:
                     with memoryview(buf) as whole, whole[:n] as view:
                         self._hash.update(view)
                 except BaseException as exc:  # noqa: BLE001
                     self._error = exc
-            if isinstance(buf, bytearray):
+            if release is not None:
+                del buf, item  # (the caller's buffer is theirs again)
+                release()
+                self._tokens.put(True)
+            elif isinstance(buf, bytearray):
                 self._free.put(buf)
 
-    def put(self, data: bytes | memoryview) -> None:
+    def put(self, data: bytes | memoryview, release: Callable[[], None] | None = None) -> None:
         if self._error is not None:
             raise self._error
         if self._stopping:
@@ -486,8 +498,17 @@ class _WriteBehind:
             writer = threading.Thread(target=self._write_loop, name="cndiff-write", daemon=True)
             writer.start()
             self._threads = (writer, hasher)  # (only once started: Ctrl-C may come between)
+        if release is not None and n >= _COPY_MIN:
+            self._tokens.get()  # (waits while depth of the caller's buffers are held)
+            if self._error is not None:
+                self._tokens.put(True)
+                raise self._error
+            self._todo.put((data, n, release))
+            return
         if n < _COPY_MIN:
-            self._todo.put((bytes(data), n))
+            self._todo.put((bytes(data), n, None))
+            if release is not None:
+                release()
             return
         try:
             buf = self._free.get_nowait()
@@ -500,7 +521,9 @@ class _WriteBehind:
         if len(buf) < n:
             buf = bytearray(n)
         memoryview(buf)[:n] = data
-        self._todo.put((buf, n))
+        self._todo.put((buf, n, None))
+        if release is not None:
+            release()
 
     def _join(self) -> None:
         # (the threads are forgotten only once they have ended: a join cut short by Ctrl-C
@@ -573,8 +596,14 @@ class SafetensorsWriter:
         if not self._file.committed:
             self.abort()
 
-    def write(self, data: np.ndarray | bytes | memoryview) -> None:
-        """Append tensor bytes (a contiguous numpy array or a bytes-like object)."""
+    def write(
+        self, data: np.ndarray | bytes | memoryview, release: Callable[[], None] | None = None
+    ) -> None:
+        """Append tensor bytes (a contiguous numpy array or a bytes-like object).
+
+        Copied at once, unless ``release`` is given: the writer then keeps ``data`` as it
+        is, and calls ``release()`` (on a thread of its own) when it no longer needs it;
+        until then the caller must leave it alone."""
         view = (
             memoryview(data.reshape(-1).view(np.uint8))
             if isinstance(data, np.ndarray)
@@ -583,7 +612,7 @@ class SafetensorsWriter:
         if self._written + len(view) > self.size - len(self._header):
             self.abort()
             raise CndiffError("internal error: more tensor bytes than the header announced")
-        self._behind.put(view)
+        self._behind.put(view, release)
         self._written += len(view)
 
     def commit(self) -> Path:
