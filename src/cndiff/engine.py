@@ -7,8 +7,9 @@ Several streams that share a base checkpoint object (a batch) are walked togethe
 base chunk is read once for all of them.
 
 Memory is bounded by ``2 x workers`` chunks in flight whatever the model size: each
-chunk's buffers (from the backend: pinned on CUDA) are reused. The arithmetic is not
-here: kernels call a :mod:`cndiff.backends` backend.
+chunk's buffers (from the backend: pinned on CUDA) are reused; an output buffer lent to
+a writer (:meth:`ChunkIn.lend_out`; a writer holds at most four) is used again once it
+is given back. The arithmetic is not here: kernels call a :mod:`cndiff.backends` backend.
 """
 
 from __future__ import annotations

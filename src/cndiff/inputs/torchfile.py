@@ -17,6 +17,7 @@ reads, the file is refused rather than read differently.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import struct
@@ -190,7 +191,7 @@ class _Archive:
         advise = getattr(os, "posix_fadvise", None)
         if advise is None:
             return
-        for info in list(self.by_name.values())[:_PREFETCH_MAX]:
+        for info in itertools.islice(self.by_name.values(), _PREFETCH_MAX):
             try:
                 advise(self.fd, info.header_offset, _PREFETCH_BYTES, os.POSIX_FADV_WILLNEED)
             except (OSError, ValueError, OverflowError):
