@@ -231,8 +231,11 @@ def test_progress_bars_on_a_terminal_only(models, tmp_path):
     rc, out, err = run_on_tty([])
     assert rc == 0
     assert "3 written, 0 skipped, 0 failed" in out and "%|" not in out
-    # one bytes bar for the batch (the outputs complete together: no bar of models)
+    # one bytes bar for the batch (the outputs complete together: no bar of models), after
+    # one that counts the models as they are opened (each a pickle to read)
     assert "3 models" in err and "B/s" in err and not re.search(r"(^|[\r\n])models:", err)
+    assert re.search(r"opening:\s+33%[^\r]*1/3", err)  # (its first step drawn at once)
+    assert err.index("opening:") < err.index("3 models")
     rc, out, err = run_on_tty(["-q"])
     assert rc == 0 and "%|" not in err
     # not a terminal (a log file): no bars, only the log lines, each whole

@@ -22,6 +22,7 @@ from ..inputs import Checkpoint, open_checkpoint
 from ..inputs.sources import SELF, Inputs, check_base_kind, model_file, open_inputs
 from ..options import Options
 from ..pipeline import Job, run_jobs
+from ..progress import progress_bar
 from ..results import ExtractResult
 from ..targets import Skip
 from ..text import escape, escape_path
@@ -105,32 +106,37 @@ def run_models(
     with ExitStack() as stack:
         shared = _open_base(base, stack)
         opened: list[tuple[int, Inputs]] = []
-        for i, path in enumerate(paths):
-            try:
-                inputs = open_inputs(path, shared, role=role)
-            except WrongKindError as exc:
-                if scan:
-                    results[i] = ExtractResult(source=path, output=None, kind="", dtype="",
-                                               status="skipped", reason=str(exc))  # fmt: skip
+        # (a batch shows its models being opened: each is a pickle to read, about 0.1 s)
+        with progress_bar(len(paths), "opening", options.progress and many,
+                          unit="model") as bar:  # fmt: skip
+            for i, path in enumerate(paths):
+                try:
+                    inputs = open_inputs(path, shared, role=role)
+                except WrongKindError as exc:
+                    if scan:
+                        results[i] = ExtractResult(source=path, output=None, kind="", dtype="",
+                                                   status="skipped", reason=str(exc))  # fmt: skip
+                        continue
+                    if exc.kind == "sd-checkpoint" and many and base is not None:
+                        # a base among the named ControlNets is a mistake in the command
+                        # ("extract control.pth base.ckpt --base self"): refuse the whole run
+                        raise CndiffError(
+                            f"{escape_path(path)} is a Stable Diffusion checkpoint, not a "
+                            "ControlNet: give the base once, either as the last file or with --base"
+                        ) from None
+                    if not isolate:
+                        raise
+                    results[i] = failed_result(path, kind, exc)
                     continue
-                if exc.kind == "sd-checkpoint" and many and base is not None:
-                    # a base among the named ControlNets is a mistake in the command
-                    # ("extract control.pth base.ckpt --base self"): refuse the whole run
-                    raise CndiffError(
-                        f"{escape_path(path)} is a Stable Diffusion checkpoint, not a "
-                        "ControlNet: give the base once, either as the last file or with --base"
-                    ) from None
-                if not isolate:
-                    raise
-                results[i] = failed_result(path, kind, exc)
-                continue
-            except Exception as exc:  # noqa: BLE001 - in a batch, one model's failure, any kind
-                if not isolate:
-                    raise
-                results[i] = failed_result(path, kind, exc)
-                continue
-            stack.callback(inputs.close)
-            opened.append((i, inputs))
+                except Exception as exc:  # noqa: BLE001 - in a batch, one model's failure, any kind
+                    if not isolate:
+                        raise
+                    results[i] = failed_result(path, kind, exc)
+                    continue
+                finally:
+                    bar.update(1)
+                stack.callback(inputs.close)
+                opened.append((i, inputs))
         for i, inputs in opened:
             path = paths[i]
             try:
