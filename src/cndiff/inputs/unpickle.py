@@ -417,13 +417,18 @@ class _Machine:
             )
 
     # -- reading the opcode stream --------------------------------------------------------
-    def read(self, n: int) -> bytes:
+    def advance(self, n: int) -> int:
+        """Step over the next ``n`` bytes; where they start (the frequent opcodes unpack
+        their arguments there, in place)."""
         pos = self.pos
-        end = pos + n
-        if end > len(self.data):
+        if pos + n > self.n:
             raise PickleEndsError()
-        self.pos = end
-        return self.data[pos:end]
+        self.pos = pos + n
+        return pos
+
+    def read(self, n: int) -> bytes:
+        pos = self.advance(n)
+        return self.data[pos : pos + n]
 
     def readline(self) -> bytes:
         end = self.data.find(b"\n", self.pos)
@@ -798,36 +803,18 @@ class _Machine:
         self.push(True)
 
     def op_NEWFALSE(self) -> None:
-        self.cost += _OBJECT_COST
-        if self.cost > self.budget:
-            self.charge(0)
-        self.stack.append(False)
+        self.push(False)
 
-    # (the most frequent opcodes read their arguments in place: a state dict's pickle is
+    # (the most frequent opcodes unpack their arguments in place: a state dict's pickle is
     # tens of thousands of them, and a file's opening waits for all of them)
     def op_BININT(self) -> None:
-        pos = self.pos
-        if pos + 4 > self.n:
-            raise PickleEndsError()
-        self.pos = pos + 4
-        self.push(_I32(self.data, pos)[0])
+        self.push(_I32(self.data, self.advance(4))[0])
 
     def op_BININT1(self) -> None:
-        pos = self.pos
-        if pos >= self.n:
-            raise PickleEndsError()
-        self.pos = pos + 1
-        self.cost += _OBJECT_COST
-        if self.cost > self.budget:
-            self.charge(0)
-        self.stack.append(self.data[pos])
+        self.push(self.data[self.advance(1)])
 
     def op_BININT2(self) -> None:
-        pos = self.pos
-        if pos + 2 > self.n:
-            raise PickleEndsError()
-        self.pos = pos + 2
-        self.push(_U16(self.data, pos)[0])
+        self.push(_U16(self.data, self.advance(2))[0])
 
     def op_LONG1(self) -> None:
         (n,) = self.read(1)
@@ -845,11 +832,8 @@ class _Machine:
         self.push(struct.unpack(">d", self.read(8))[0])
 
     def _push_text(self, n: int) -> None:
-        pos = self.pos
+        pos = self.advance(n)
         end = pos + n
-        if end > self.n:
-            raise PickleEndsError()
-        self.pos = end
         self.work_left -= n >> 6
         if self.work_left < 0:
             self.spend(0)
@@ -863,11 +847,7 @@ class _Machine:
         self._push_text(self.read(1)[0])
 
     def op_BINUNICODE(self) -> None:
-        pos = self.pos
-        if pos + 4 > self.n:
-            raise PickleEndsError()
-        self.pos = pos + 4
-        self._push_text(_U32(self.data, pos)[0])
+        self._push_text(_U32(self.data, self.advance(4))[0])
 
     def op_BINUNICODE8(self) -> None:
         self._push_text(struct.unpack("<Q", self.read(8))[0])
@@ -923,10 +903,7 @@ class _Machine:
         self.push(set())
 
     def op_EMPTY_TUPLE(self) -> None:
-        self.cost += _OBJECT_COST
-        if self.cost > self.budget:
-            self.charge(0)
-        self.stack.append(())
+        self.push(())
 
     def op_LIST(self) -> None:
         items = self.pop_mark()
@@ -1026,18 +1003,10 @@ class _Machine:
             self.charge(0)
 
     def op_BINPUT(self) -> None:
-        pos = self.pos
-        if pos >= self.n:
-            raise PickleEndsError()
-        self.pos = pos + 1
-        self._memo_put(self.data[pos])
+        self._memo_put(self.data[self.advance(1)])
 
     def op_LONG_BINPUT(self) -> None:
-        pos = self.pos
-        if pos + 4 > self.n:
-            raise PickleEndsError()
-        self.pos = pos + 4
-        self._memo_put(_U32(self.data, pos)[0])
+        self._memo_put(_U32(self.data, self.advance(4))[0])
 
     def op_MEMOIZE(self) -> None:
         self._memo_put(len(self.memo))
@@ -1049,11 +1018,7 @@ class _Machine:
             raise _corrupt(f"memo index {idx} never stored, at byte {self.pos}") from None
 
     def op_BINGET(self) -> None:
-        pos = self.pos
-        if pos >= self.n:
-            raise PickleEndsError()
-        self.pos = pos + 1
-        self._memo_get(self.data[pos])
+        self._memo_get(self.data[self.advance(1)])
 
     def op_LONG_BINGET(self) -> None:
         self._memo_get(struct.unpack("<I", self.read(4))[0])
