@@ -452,19 +452,25 @@ class _WriteBehind:
         self._cancelled = False
         self._stopping = False
 
+    def _feed(
+        self, fn: Callable[[memoryview], object], buf: bytes | bytearray | memoryview, n: int
+    ) -> None:
+        """``fn`` on the first ``n`` bytes of ``buf``, unless a step failed or the writer
+        was cancelled; its error is kept for the caller's thread."""
+        if self._error is None and not self._cancelled:
+            try:
+                with memoryview(buf) as whole, whole[:n] as view:
+                    fn(view)
+            except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+                self._error = exc
+
     def _write_loop(self) -> None:
         while True:
             item = self._todo.get()
             if item is None:
                 self._written.put(None)
                 return
-            buf, n, _ = item
-            if self._error is None and not self._cancelled:
-                try:
-                    with memoryview(buf) as whole, whole[:n] as view:
-                        self._file.write(view)
-                except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
-                    self._error = exc
+            self._feed(self._file.write, item[0], item[1])
             self._written.put(item)
 
     def _hash_loop(self) -> None:
@@ -473,12 +479,7 @@ class _WriteBehind:
             if item is None:
                 return
             buf, n, release = item
-            if self._error is None and not self._cancelled:
-                try:
-                    with memoryview(buf) as whole, whole[:n] as view:
-                        self._hash.update(view)
-                except BaseException as exc:  # noqa: BLE001
-                    self._error = exc
+            self._feed(self._hash.update, buf, n)
             if release is not None:
                 del buf, item  # (the caller's buffer is theirs again)
                 release()
