@@ -261,3 +261,18 @@ def test_progress_bar_draws_its_first_step_at_once(monkeypatch):
         bar.update(250)  # (the next ones wait for the interval again)
         assert err.getvalue() == shown
     assert " 25%" in shown
+
+
+def test_a_base_among_the_controls_refuses_the_run(models, tmp_path, capsys):
+    """A base named among several ControlNets while a base is also given is a mistake in
+    the command: one line, exit 1, nothing written."""
+    folder, base = models
+    control = sorted(folder.glob("control_*.pth"))[0]
+    out = tmp_path / "out"
+    rc = main(["extract", str(control), str(base), "--base", "self", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.count("\n") == 1 and err.startswith("cndiff: error: ")
+    assert f"{base.name} is a Stable Diffusion checkpoint, not a ControlNet: give the base " \
+        "once, either as the last file or with --base" in err  # fmt: skip
+    assert not out.exists() or list(out.iterdir()) == []

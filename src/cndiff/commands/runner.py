@@ -81,6 +81,39 @@ def _open_base(base: PathLike | None, stack: ExitStack) -> Checkpoint | str | No
     return b
 
 
+def _open_model(
+    path: Path,
+    shared: Checkpoint | str | None,
+    role: str,
+    kind: str,
+    *,
+    isolate: bool,
+    scan: bool,
+    refuse_bases: bool,
+) -> Inputs | ExtractResult:
+    """One model's open inputs, or (in a batch) its ``skipped`` or ``failed`` result."""
+    try:
+        return open_inputs(path, shared, role=role)
+    except WrongKindError as exc:
+        if scan:
+            return ExtractResult(source=path, output=None, kind="", dtype="", status="skipped",
+                                 reason=str(exc))  # fmt: skip
+        if exc.kind == "sd-checkpoint" and refuse_bases:
+            # a base among the named ControlNets is a mistake in the command
+            # ("extract control.pth base.ckpt --base self"): refuse the whole run
+            raise CndiffError(
+                f"{escape_path(path)} is a Stable Diffusion checkpoint, not a ControlNet: "
+                "give the base once, either as the last file or with --base"
+            ) from None
+        if not isolate:
+            raise
+        return failed_result(path, kind, exc)
+    except Exception as exc:  # noqa: BLE001 - in a batch, one model's failure, any kind
+        if not isolate:
+            raise
+        return failed_result(path, kind, exc)
+
+
 def run_models(
     paths: list[Path],
     base: PathLike | None,
@@ -111,32 +144,15 @@ def run_models(
                           unit="model") as bar:  # fmt: skip
             for i, path in enumerate(paths):
                 try:
-                    inputs = open_inputs(path, shared, role=role)
-                except WrongKindError as exc:
-                    if scan:
-                        results[i] = ExtractResult(source=path, output=None, kind="", dtype="",
-                                                   status="skipped", reason=str(exc))  # fmt: skip
-                        continue
-                    if exc.kind == "sd-checkpoint" and many and base is not None:
-                        # a base among the named ControlNets is a mistake in the command
-                        # ("extract control.pth base.ckpt --base self"): refuse the whole run
-                        raise CndiffError(
-                            f"{escape_path(path)} is a Stable Diffusion checkpoint, not a "
-                            "ControlNet: give the base once, either as the last file or with --base"
-                        ) from None
-                    if not isolate:
-                        raise
-                    results[i] = failed_result(path, kind, exc)
-                    continue
-                except Exception as exc:  # noqa: BLE001 - in a batch, one model's failure, any kind
-                    if not isolate:
-                        raise
-                    results[i] = failed_result(path, kind, exc)
-                    continue
+                    got = _open_model(path, shared, role, kind, isolate=isolate, scan=scan,
+                                      refuse_bases=many and base is not None)  # fmt: skip
                 finally:
                     bar.update(1)
-                stack.callback(inputs.close)
-                opened.append((i, inputs))
+                if isinstance(got, ExtractResult):
+                    results[i] = got
+                    continue
+                stack.callback(got.close)
+                opened.append((i, got))
         for i, inputs in opened:
             path = paths[i]
             try:
