@@ -3,13 +3,15 @@
 #   setup.sh run   cndiff and what it needs (numpy, safetensors, tqdm): no torch
 #   setup.sh test  also torch (pinned to 2.13.0 unless TORCH_SPEC says otherwise, e.g.
 #                  TORCH_SPEC=torch for the newest release) and the test tools
-# A stamp file per kind makes a second call cost nothing unless pyproject.toml changed.
+# A stamp file per kind makes a second call cost nothing unless pyproject.toml or setup.py
+# (the native modules) changed.
 set -euo pipefail
 kind=${1:-run}
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="$repo/.venv"
 stamp="$venv/.cndiff-$kind"
-if [ -f "$stamp" ] && [ "$stamp" -nt "$repo/pyproject.toml" ] && [ -x "$venv/bin/python" ]; then
+if [ -f "$stamp" ] && [ "$stamp" -nt "$repo/pyproject.toml" ] && [ "$stamp" -nt "$repo/setup.py" ] \
+    && [ -x "$venv/bin/python" ]; then
     exit 0
 fi
 PY=${PYTHON:-python3}

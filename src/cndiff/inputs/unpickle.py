@@ -43,12 +43,19 @@ from ..dtypes import DType, by_name
 from ..errors import CheckpointError, UnsafeCheckpointError
 from ..text import escape, safe_repr
 
+try:  # the same machine in C for a state dict's opcodes (setup.py; optional)
+    from .. import _pickle_vm as native_vm
+except ImportError:  # not built: this module reads every pickle
+    native_vm = None
+
 __all__ = [
     "StorageRef",
     "TensorRef",
     "Opaque",
     "Unpickled",
     "restricted_load",
+    "native_load",
+    "NATIVE_MAX_BYTES",
     "PickleEndsError",
     "STORAGE_DTYPES",
     "MAX_NESTING",
@@ -69,6 +76,9 @@ MAX_NUMEL = 1 << 62
 DEFAULT_BUDGET = 1 << 30
 #: most arguments an allowed callable may be called with (torch's take at most 7)
 MAX_CALL_ARGS = 16
+#: largest pickle given to the native machine first (a state dict's is about 150 bytes a
+#: tensor: 0.2 MB for SD 1.5); it bounds that machine's memo table to 8 bytes a byte
+NATIVE_MAX_BYTES = 4 << 20
 
 #: torch's legacy typed-storage class names and the dtype of their elements.
 STORAGE_DTYPES: dict[str, DType] = {
@@ -1140,12 +1150,38 @@ def work_limit(nbytes: int) -> int:
     return 1_000_000 + 8 * nbytes
 
 
+def native_load(
+    data: bytes, *, budget: int = DEFAULT_BUDGET, work: int | None = None
+) -> Unpickled | None:
+    """The C machine's reading (``cndiff._pickle_vm``) of the zip-format pickle at the
+    start of ``data``, or None: where that machine is not built, where the pickle is over
+    :data:`NATIVE_MAX_BYTES`, or where it needs what only the Python machine does (an
+    opcode, call or form a plain state dict does not use, or anything that machine
+    would refuse). Same budgets and results as :func:`restricted_load`'s Python machine;
+    it never raises for a pickle."""
+    data = bytes(data)
+    if native_vm is None or len(data) > NATIVE_MAX_BYTES:
+        return None
+    m = _Machine(data, "zip", budget, work_limit(len(data)) if work is None else work)
+    got = native_vm.load(
+        data, m,
+        m.allowed[("torch._utils", "_rebuild_tensor_v2")],
+        m.allowed[("collections", "OrderedDict")],
+        _StorageType, _OrderedDict, Opaque, TensorRef, StorageRef,
+    )  # fmt: skip
+    if got is None:
+        return None
+    obj, end, storages = got
+    return Unpickled(obj, end, storages)
+
+
 def restricted_load(
     data: bytes,
     *,
     pids: str | None = None,
     budget: int = DEFAULT_BUDGET,
     work: int | None = None,
+    native: bool = True,
 ) -> Unpickled:
     """Unpickle the pickle at the start of ``data`` with the allow-list; never runs code.
 
@@ -1156,8 +1192,16 @@ def restricted_load(
     too costly pickle raises :class:`~cndiff.errors.CheckpointError`;
     :class:`PickleEndsError` when it runs past the end of ``data`` (a longer read of a
     legacy file may complete it).
+
+    ``native`` (zip storages only): :func:`native_load` first, 5-10x faster on a state
+    dict; where it gives nothing, this module's machine reads the pickle from the start,
+    so the results and errors are this machine's either way.
     """
     data = bytes(data)
+    if native and pids == "zip":
+        got = native_load(data, budget=budget, work=work)
+        if got is not None:
+            return got
     m = _Machine(data, pids, budget, work_limit(len(data)) if work is None else work)
     try:
         obj = m.run()
