@@ -831,10 +831,13 @@ def machine_info(python: str, cuda: bool) -> dict[str, Any]:
             info[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             info[pkg] = None
-    probe = "import cndiff.backends.numpy_backend as m; print(m.native_kernels is not None)"
+    probe = ("import cndiff.backends.numpy_backend as m, cndiff.inputs.unpickle as u; "
+             "print(m.native_kernels is not None, u.native_vm is not None)")  # fmt: skip
     r = subprocess.run([python, "-c", probe], capture_output=True, text=True, cwd=REPO,
                        env=child_env())  # fmt: skip
-    info["native_kernels"] = r.stdout.strip() == "True"
+    info["native_kernels"], info["native_pickle_vm"] = (
+        w == "True" for w in (r.stdout.split() + ["", ""])[:2]
+    )
     if cuda and shutil.which("nvidia-smi"):
         q = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
         info["gpu"] = subprocess.run(q, capture_output=True, text=True).stdout.strip()
@@ -1366,7 +1369,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"gpu: {machine['gpu']}")
     dirty = " + uncommitted changes" if git["src_changes"] else ""
     print(f"cndiff source: {SRC} (commit {git['commit']}{dirty}); native kernels "
-          f"{'built' if machine['native_kernels'] else 'NOT built (numpy fallback)'}")  # fmt: skip
+          f"{'built' if machine['native_kernels'] else 'NOT built (numpy fallback)'}, "
+          "native pickle machine "
+          f"{'built' if machine.get('native_pickle_vm') else 'NOT built'}")  # fmt: skip
     files = {"control": control, "base": base, **({"ema_base": ema} if ema else {})}
     for k, p in files.items():
         print(f"{k}: {p} ({weights(p).stat().st_size / GB:.2f} GB)")
