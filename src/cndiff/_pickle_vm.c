@@ -56,6 +56,8 @@ typedef struct {
     /* from the caller: its Python machine and what that one would build */
     PyObject *machine, *allowed, *rebuild, *odict, *storage_type_cls, *odict_cls, *opaque_cls,
         *tensor_cls, *storage_cls;
+    /* the records' field names, in their order: TensorRef's, StorageRef's */
+    PyObject *tensor_fields[4], *storage_fields[4];
     PyObject *storages; /* key -> StorageRef, in the order first named */
     int abort;          /* Ctrl-C (or another BaseException) while Python code ran: raise it */
 } VM;
@@ -181,6 +183,21 @@ static void drop(VM *vm, Py_ssize_t to) {
     }
 }
 
+/* cls(v0, v1, v2, v3) for one of the caller's frozen dataclasses of four fields, built as
+   its __init__ builds it (object.__setattr__ of each field, in order) but without a Python
+   frame per record: one of each per tensor of the file */
+static PyObject *record(VM *vm, PyObject *cls, PyObject *const *fields, PyObject *v0,
+                        PyObject *v1, PyObject *v2, PyObject *v3) {
+    PyObject *values[4] = {v0, v1, v2, v3};
+    PyObject *empty = PyTuple_New(0);
+    PyObject *obj = empty ? PyBaseObject_Type.tp_new((PyTypeObject *)cls, empty, NULL) : NULL;
+    Py_XDECREF(empty);
+    for (int i = 0; obj && i < 4; i++)
+        if (PyObject_GenericSetAttr(obj, fields[i], values[i]) < 0) Py_CLEAR(obj);
+    if (!obj) clear(vm);
+    return obj;
+}
+
 /* torch._utils._rebuild_tensor_v2(storage, offset, shape, stride, requires_grad, hooks) */
 static PyObject *rebuild_tensor(VM *vm, PyObject *args) {
     if (PyTuple_GET_SIZE(args) != 6) return NULL; /* 7: tensor metadata, for Python */
@@ -218,10 +235,7 @@ static PyObject *rebuild_tensor(VM *vm, PyObject *args) {
         if (__builtin_mul_overflow(product, n, &product) || product >= MAX_NUMEL) return NULL;
     }
     if (!empty && (overflow || last >= numel)) return NULL;
-    PyObject *t = PyObject_CallFunctionObjArgs(vm->tensor_cls, storage, offset, shape, stride,
-                                               NULL);
-    if (!t) clear(vm);
-    return t;
+    return record(vm, vm->tensor_cls, vm->tensor_fields, storage, offset, shape, stride);
 }
 
 /* BINPERSID: ('storage', storage type, key, location, numel), the zip format's */
@@ -261,7 +275,7 @@ static PyObject *persistent_load(VM *vm, PyObject *pid) {
         Py_DECREF(dtype);
         return NULL;
     }
-    ref = PyObject_CallFunctionObjArgs(vm->storage_cls, key, dtype, numel, location, NULL);
+    ref = record(vm, vm->storage_cls, vm->storage_fields, key, dtype, numel, location);
     Py_DECREF(dtype);
     if (!ref || PyDict_SetItem(vm->storages, key, ref) < 0) {
         clear(vm);
@@ -560,6 +574,13 @@ static int step(VM *vm) {
     }
 }
 
+static void release_names(VM *vm) {
+    for (int i = 0; i < 4; i++) {
+        Py_CLEAR(vm->tensor_fields[i]);
+        Py_CLEAR(vm->storage_fields[i]);
+    }
+}
+
 static PyObject *py_load(PyObject *self, PyObject *args) {
     Py_buffer buf;
     VM vm;
@@ -574,6 +595,16 @@ static PyObject *py_load(PyObject *self, PyObject *args) {
         PyBuffer_Release(&buf);
         PyErr_SetString(PyExc_TypeError, "load: the record arguments must be classes");
         return NULL;
+    }
+    static const char *tensor_names[4] = {"storage", "offset", "shape", "stride"};
+    static const char *storage_names[4] = {"key", "dtype", "numel", "location"};
+    for (int i = 0; i < 4; i++) {
+        if (!(vm.tensor_fields[i] = PyUnicode_InternFromString(tensor_names[i])) ||
+            !(vm.storage_fields[i] = PyUnicode_InternFromString(storage_names[i]))) {
+            release_names(&vm);
+            PyBuffer_Release(&buf);
+            return NULL;
+        }
     }
     /* the machine's budgets as they stand (a fresh machine: nothing spent) and its globals */
     PyObject *b = PyObject_GetAttrString(vm.machine, "budget");
@@ -590,6 +621,7 @@ static PyObject *py_load(PyObject *self, PyObject *args) {
     Py_XDECREF(w);
     if (!ok) {
         Py_XDECREF(vm.allowed);
+        release_names(&vm);
         PyBuffer_Release(&buf);
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_TypeError, "load: not a cndiff unpickler machine");
@@ -618,6 +650,7 @@ static PyObject *py_load(PyObject *self, PyObject *args) {
     PyMem_Free(vm.marks);
     Py_XDECREF(vm.storages);
     Py_DECREF(vm.allowed);
+    release_names(&vm);
     PyBuffer_Release(&buf);
     if (vm.abort) return NULL;
     if (!result) Py_RETURN_NONE;

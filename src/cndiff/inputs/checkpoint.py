@@ -35,7 +35,14 @@ from ..errors import CheckpointError
 from ..text import escape, escape_path, safe_repr
 from .unpickle import shape_too_large
 
-__all__ = ["TensorInfo", "Checkpoint", "open_checkpoint", "check_empty_shape"]
+__all__ = [
+    "TensorInfo",
+    "Checkpoint",
+    "open_checkpoint",
+    "check_empty_shape",
+    "contiguous_strides",
+    "tensor_info",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +81,24 @@ _set_key, _set_dtype, _set_shape, _set_offset, _set_stride = (
 )
 
 
+def tensor_info(
+    key: str,
+    dtype: DType,
+    shape: tuple[int, ...],
+    offset: int,
+    stride: tuple[int, ...] | None = None,
+) -> TensorInfo:
+    """``TensorInfo(key, dtype, shape, offset, stride)``, built without the frozen
+    dataclass's ``__init__`` (a reader builds one per tensor of a file)."""
+    info = _new(TensorInfo)
+    _set_key(info, key)
+    _set_dtype(info, dtype)
+    _set_shape(info, shape)
+    _set_offset(info, offset)
+    _set_stride(info, stride)
+    return info
+
+
 def _canonical_bools(arr: np.ndarray) -> None:
     """Stored booleans as 0 or 1: torch and numpy read any non-zero byte as True, but a
     byte of 0x30 copied as it is would not compare (or write) equal to True."""
@@ -86,7 +111,9 @@ def _span(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
     return 1 + sum((d - 1) * s for d, s in zip(shape, stride))
 
 
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The element strides of a C-contiguous tensor of ``shape`` (as torch gives them:
+    a dimension of size 0 counts as 1)."""
     strides = []
     acc = 1
     for d in reversed(shape):

@@ -29,7 +29,13 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..text import safe_repr
-from .checkpoint import Checkpoint, TensorInfo, _contiguous_strides, check_empty_shape
+from .checkpoint import (
+    Checkpoint,
+    TensorInfo,
+    check_empty_shape,
+    contiguous_strides,
+    tensor_info,
+)
 from .unpickle import Opaque, PickleEndsError, TensorRef, Unpickled, restricted_load
 
 __all__ = ["open_torch_zip", "open_torch_legacy", "MAX_PICKLE_BYTES"]
@@ -101,7 +107,7 @@ def _tensor_info(name: str, key: str, ref: TensorRef, storage_offset: int, size:
         numel *= d
     if numel == 0:
         check_empty_shape(name, key, ref.shape)
-        return TensorInfo(key, ref.storage.dtype, ref.shape, storage_offset)
+        return tensor_info(key, ref.storage.dtype, ref.shape, storage_offset)
     # Views may overlap themselves (an expanded tensor: stride 0); materializing one
     # costs its full size, which must not exceed what the file could hold.
     if numel * itemsize > size:
@@ -110,8 +116,8 @@ def _tensor_info(name: str, key: str, ref: TensorRef, storage_offset: int, size:
             f"take {numel * itemsize} bytes, more than the whole file ({size}); the file is "
             "corrupt"
         )
-    contiguous = ref.stride == _contiguous_strides(ref.shape)
-    return TensorInfo(
+    contiguous = ref.stride == contiguous_strides(ref.shape)
+    return tensor_info(
         key,
         ref.storage.dtype,
         ref.shape,
@@ -134,6 +140,7 @@ _ZIP_ERRORS = (
 )
 # encrypted, strong encryption, "compressed patched data": torch's reader refuses them
 _ZIP_FLAGS_REFUSED = 0x1 | 0x40 | 0x20
+_U16_PAIR = struct.Struct("<HH").unpack_from
 
 
 def _raw_name(info: zipfile.ZipInfo) -> bytes:
@@ -152,8 +159,10 @@ class _Archive:
         # torch's reader (miniz) finds records by name ignoring ASCII case: "daTa.pkl" is
         # its "data.pkl", and two names differing in case are one record to it
         by_name: dict[bytes, zipfile.ZipInfo] = {}
+        # every entry's name as stored, by entry (data_start compares its local header's)
+        self.raw: dict[zipfile.ZipInfo, bytes] = {}
         for info in infos:
-            raw = _raw_name(info)
+            raw = self.raw[info] = _raw_name(info)
             try:
                 raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -172,11 +181,11 @@ class _Archive:
             by_name[folded] = info
         self.by_name = by_name
         # torch's reader: the folder of the first entry is the archive's
-        first = _raw_name(infos[0]) if infos else b""
+        first = self.raw[infos[0]] if infos else b""
         if b"/" not in first:
             raise CheckpointError(f"{name} is a zip archive but not a torch checkpoint")
         self.prefix = prefix = first[: first.index(b"/") + 1]
-        if not all(_raw_name(info).startswith(prefix) for info in infos):
+        if not all(raw.startswith(prefix) for raw in self.raw.values()):
             # torch refuses it: "file in archive is not in a subdirectory"
             raise CheckpointError(
                 f"{name} is corrupt: its archive holds entries outside its folder "
@@ -247,12 +256,13 @@ class _Archive:
         off = info.header_offset
         if not 0 <= off <= size - 30:
             raise CheckpointError(f"{name} is corrupt: bad zip entry for {self.describe(info)}")
-        hdr = os.pread(self.fd, 30, off)
+        raw = self.raw[info]
+        # (the header and the name it must hold, in one read)
+        hdr = os.pread(self.fd, 30 + len(raw), off)
         if len(hdr) < 30 or hdr[:4] != b"PK\x03\x04":
             raise CheckpointError(f"{name} is corrupt: bad zip entry for {self.describe(info)}")
-        name_len, extra_len = struct.unpack("<HH", hdr[26:30])
-        local = os.pread(self.fd, name_len, off + 30)
-        if local != _raw_name(info):
+        name_len, extra_len = _U16_PAIR(hdr, 26)
+        if name_len != len(raw) or hdr[30:] != raw:
             raise CheckpointError(
                 f"{name} is corrupt: the zip entry for {self.describe(info)} has another "
                 "name in its local header"
