@@ -2,7 +2,7 @@
 
 ``cndiff._kernels`` fuses the numpy backend's float32 subtraction, max |d| and rounding to
 float16/bfloat16 into one pass (F16C/AVX2 where the CPU has it); ``cndiff._pickle_vm``
-reads a torch state dict's pickle with the restricted unpickler's rules, 5-10x faster.
+reads a torch state dict's pickle with the restricted unpickler's rules, about 10x faster.
 Both are optional: where they cannot be compiled the install goes on and cndiff uses numpy
 and its Python unpickler alone, with the same results.
 """

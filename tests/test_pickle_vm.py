@@ -216,9 +216,11 @@ def test_open_checkpoint_takes_the_fast_path(sd15_pair, monkeypatch):
 def test_without_the_native_machine_the_python_one_reads(sd15_pair, monkeypatch):
     control, _ = sd15_pair
     with open_checkpoint(control) as ck:
+        index = dict(ck.tensors)
         want = {k: ck.read(k).tobytes() for k in list(ck.tensors)[:20]}
     monkeypatch.setattr(unpickle, "native_vm", None)
     with open_checkpoint(control) as ck:
+        assert ck.tensors == index
         assert {k: ck.read(k).tobytes() for k in want} == want
 
 
@@ -311,7 +313,9 @@ def test_an_exception_in_a_call_leaves_the_pickle_to_python_but_ctrl_c_is_raised
         native_load(data)
 
 
-def test_legacy_and_other_persistent_ids_are_not_the_fast_paths():
+def test_only_zip_storages_take_the_fast_path():
+    """A pickle read for a legacy file (or with no storages allowed) is the Python
+    machine's: here a zip-format persistent id where none may appear is refused."""
     data = saved({"a": torch.ones(2)})
     with pytest.raises(CheckpointError, match="persistent id"):
         restricted_load(data, pids=None)
