@@ -643,7 +643,12 @@ static PyObject *py_load(PyObject *self, PyObject *args) {
         }
     }
     clear(&vm); /* nothing else raises: None gives the pickle to the Python machine */
-    if (vm.abort) Py_CLEAR(result); /* Ctrl-C: raised, after the clean-up */
+    /* Ctrl-C: raised after the clean-up, which runs with no exception set */
+    PyObject *exc_type = NULL, *exc_value = NULL, *exc_tb = NULL;
+    if (vm.abort) {
+        Py_CLEAR(result);
+        PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+    }
     drop(&vm, 0);
     for (Py_ssize_t i = 0; i < vm.memo_cap; i++) Py_XDECREF(vm.memo[i]);
     PyMem_Free(vm.memo);
@@ -653,7 +658,10 @@ static PyObject *py_load(PyObject *self, PyObject *args) {
     Py_DECREF(vm.allowed);
     release_names(&vm);
     PyBuffer_Release(&buf);
-    if (vm.abort) return NULL;
+    if (vm.abort) {
+        PyErr_Restore(exc_type, exc_value, exc_tb);
+        return NULL;
+    }
     if (!result) Py_RETURN_NONE;
     return result;
 }
