@@ -27,6 +27,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from fuzz.differential import VIEWS, view_of
 from fuzz.hostile import (
     MARK,
     MUTATIONS,
@@ -129,19 +130,10 @@ def random_state_dict(rng: random.Random) -> dict:
     for i in range(rng.randint(0, 6)):
         shape = tuple(rng.choice([0, 1, 2, 3, 4]) for _ in range(rng.randint(0, 3)))
         t = torch.zeros(shape, dtype=rng.choice(DTYPES))
-        view = rng.choice(["plain", "t", "step", "narrow", "expand", "param", "shared"])
-        if view == "t" and t.dim() >= 2:
-            t = t.transpose(0, 1)
-        elif view == "step" and t.dim() >= 1 and t.shape[0] > 1:
-            t = t[::2]
-        elif view == "narrow" and t.dim() >= 1 and t.shape[0] > 1:
-            t = t[1:]
-        elif view == "expand" and t.dim() >= 1 and t.shape[0] == 1:
-            t = t.expand(3, *t.shape[1:])
-        elif view == "param" and t.dtype.is_floating_point:
-            t = torch.nn.Parameter(t, requires_grad=False)
-        elif view == "shared" and t.numel() > 1:
+        view = rng.choice([*VIEWS, "shared"])
+        if view == "shared" and t.numel() > 1:
             sd[f"v{i}"] = t.reshape(-1)[1:]
+        t = view_of(t, view)
         sd[rng.choice(["control_model.", "model.diffusion_model.", "", "é☃"]) + f"w{i}"] = t
     if rng.random() < 0.5:
         sd["epoch"] = rng.choice([0, 7, -5, 300, 70000, -(2**31)])

@@ -24,7 +24,7 @@ import pickletools
 import numpy as np
 import pytest
 import torch
-from fuzz.differential import compare
+from fuzz.differential import VIEWS, compare, view_of
 from fuzz.hostile import MUTATIONS, SEEDS, mutate
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -84,18 +84,7 @@ def tensors(draw) -> torch.Tensor:
     dtype = draw(st.sampled_from(DTYPES))
     shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
     t = make_tensor(dtype, shape, draw(st.integers(0, 2**16)))
-    view = draw(st.sampled_from(["plain", "t", "step", "narrow", "expand", "param"]))
-    if view == "t" and t.dim() >= 2:
-        t = t.transpose(0, 1)
-    elif view == "step" and t.dim() >= 1 and t.shape[0] > 1:
-        t = t[::2]
-    elif view == "narrow" and t.dim() >= 1 and t.shape[0] > 1:
-        t = t[1:]
-    elif view == "expand" and t.dim() >= 1 and t.shape[0] == 1:
-        t = t.expand(3, *t.shape[1:])
-    elif view == "param" and dtype.is_floating_point:
-        t = torch.nn.Parameter(t, requires_grad=False)
-    return t
+    return view_of(t, draw(st.sampled_from(VIEWS)))
 
 
 @st.composite

@@ -230,3 +230,24 @@ def compare(path: Path, *, must_open: bool = False) -> str:
         assert shape == tuple(t.shape), (k, shape, t.shape)
         assert data == tensor_bytes(t), f"{path.name}: {k!r} differs"
     return "both-open"
+
+
+#: the views of a tensor the generated state dicts use (see :func:`view_of`)
+VIEWS = ("plain", "t", "step", "narrow", "expand", "param")
+
+
+def view_of(t: torch.Tensor, view: str) -> torch.Tensor:
+    """``t`` as the named view, where its shape and dtype allow (else ``t`` itself):
+    transposed, every second row, from the second row, a row expanded three times, or
+    a float Parameter."""
+    if view == "t" and t.dim() >= 2:
+        return t.transpose(0, 1)
+    if view == "step" and t.dim() >= 1 and t.shape[0] > 1:
+        return t[::2]
+    if view == "narrow" and t.dim() >= 1 and t.shape[0] > 1:
+        return t[1:]
+    if view == "expand" and t.dim() >= 1 and t.shape[0] == 1:
+        return t.expand(3, *t.shape[1:])
+    if view == "param" and t.dtype.is_floating_point:
+        return torch.nn.Parameter(t, requires_grad=False)
+    return t
