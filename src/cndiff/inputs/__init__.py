@@ -4,6 +4,7 @@
   demand) and holds :class:`Checkpoint` and :class:`TensorInfo`;
 * :mod:`.safetensors` parses safetensors headers against their schema, in bounded memory;
 * :mod:`.torchfile` reads torch's zip and legacy formats as torch reads them (or refuses);
+  :mod:`.ziplist` lists a zip archive's entries (plain ones itself, others by zipfile);
 * :mod:`.unpickle` is the restricted pickle machine behind the torch formats: it never
   runs code, and bounds its work and memory by the size of the pickle.
 """

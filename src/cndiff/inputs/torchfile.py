@@ -37,6 +37,7 @@ from .checkpoint import (
     tensor_info,
 )
 from .unpickle import Opaque, PickleEndsError, TensorRef, Unpickled, restricted_load
+from .ziplist import Entry, list_entries
 
 __all__ = ["open_torch_zip", "open_torch_legacy", "MAX_PICKLE_BYTES"]
 
@@ -128,41 +129,22 @@ def _tensor_info(name: str, key: str, ref: TensorRef, storage_offset: int, size:
 
 # -- zip -----------------------------------------------------------------------------------
 
-_ZIP_ERRORS = (
-    zipfile.BadZipFile,
-    OSError,
-    ValueError,
-    EOFError,
-    RuntimeError,  # an encrypted member
-    NotImplementedError,  # an unknown compression method
-    struct.error,
-    UnicodeError,
-)
 # encrypted, strong encryption, "compressed patched data": torch's reader refuses them
 _ZIP_FLAGS_REFUSED = 0x1 | 0x40 | 0x20
 _U16_PAIR = struct.Struct("<HH").unpack_from
 
 
-def _raw_name(info: zipfile.ZipInfo) -> bytes:
-    """The entry's name as stored (torch compares these bytes; zipfile decodes them and
-    cuts them at a NUL)."""
-    return info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
-
-
 class _Archive:
-    def __init__(self, name: str, fd: int, size: int, zf: zipfile.ZipFile) -> None:
+    def __init__(self, name: str, fd: int, size: int, infos: list[Entry]) -> None:
         self.name = name
         self.fd = fd
         self.size = size
-        self.ranges: list[tuple[int, int, str]] = []
-        infos = zf.infolist()
+        self.ranges: list[tuple[int, int, Entry]] = []
         # torch's reader (miniz) finds records by name ignoring ASCII case: "daTa.pkl" is
         # its "data.pkl", and two names differing in case are one record to it
-        by_name: dict[bytes, zipfile.ZipInfo] = {}
-        # every entry's name as stored, by entry (data_start compares its local header's)
-        self.raw: dict[zipfile.ZipInfo, bytes] = {}
+        by_name: dict[bytes, Entry] = {}
         for info in infos:
-            raw = self.raw[info] = _raw_name(info)
+            raw = info.raw
             try:
                 raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -181,11 +163,11 @@ class _Archive:
             by_name[folded] = info
         self.by_name = by_name
         # torch's reader: the folder of the first entry is the archive's
-        first = self.raw[infos[0]] if infos else b""
+        first = infos[0].raw if infos else b""
         if b"/" not in first:
             raise CheckpointError(f"{name} is a zip archive but not a torch checkpoint")
         self.prefix = prefix = first[: first.index(b"/") + 1]
-        if not all(raw.startswith(prefix) for raw in self.raw.values()):
+        if not all(info.raw.startswith(prefix) for info in infos):
             # torch refuses it: "file in archive is not in a subdirectory"
             raise CheckpointError(
                 f"{name} is corrupt: its archive holds entries outside its folder "
@@ -206,15 +188,15 @@ class _Archive:
             except (OSError, ValueError, OverflowError):
                 return
 
-    def get(self, record: str) -> zipfile.ZipInfo | None:
+    def get(self, record: str) -> Entry | None:
         """The entry torch reads for ``record`` (of the archive's folder), or None."""
         return self.by_name.get((self.prefix + record.encode("utf-8")).lower())
 
-    def describe(self, info: zipfile.ZipInfo) -> str:
+    def describe(self, info: Entry) -> str:
         return safe_repr(info.orig_filename)
 
-    def check_member(self, info: zipfile.ZipInfo) -> None:
-        if info.external_attr & 0x10 or info.orig_filename.endswith("/"):
+    def check_member(self, info: Entry) -> None:
+        if info.external_attr & 0x10 or info.raw.endswith(b"/"):
             # torch's reader (miniz) skips a folder's bytes: torch.load would hand out
             # uninitialized memory for it
             raise CheckpointError(
@@ -231,7 +213,7 @@ class _Archive:
                 f"{info.compress_size} bytes but claims {info.file_size}"
             )
 
-    def read_small(self, info: zipfile.ZipInfo, limit: int) -> bytes:
+    def read_small(self, info: Entry, limit: int) -> bytes:
         """The bytes of a small record (the pickle, version, byteorder)."""
         self.check_member(info)
         if info.file_size > limit:
@@ -249,14 +231,14 @@ class _Archive:
             )
         return data
 
-    def data_start(self, info: zipfile.ZipInfo) -> int:
+    def data_start(self, info: Entry) -> int:
         """Where the record's bytes start in the file, from its local header (which must
         name it); remembers its extent for the overlap check."""
         name, size = self.name, self.size
         off = info.header_offset
         if not 0 <= off <= size - 30:
             raise CheckpointError(f"{name} is corrupt: bad zip entry for {self.describe(info)}")
-        raw = self.raw[info]
+        raw = info.raw
         # (the header and the name it must hold, in one read)
         hdr = os.pread(self.fd, 30 + len(raw), off)
         if len(hdr) < 30 or hdr[:4] != b"PK\x03\x04":
@@ -273,7 +255,7 @@ class _Archive:
                 f"{name} is truncated: {self.describe(info)} ends at byte "
                 f"{start + info.file_size} but the file has {size}; download it again"
             )
-        self.ranges.append((off, start + info.file_size, info.orig_filename))
+        self.ranges.append((off, start + info.file_size, info))
         return start
 
     def check_no_overlap(self) -> None:
@@ -281,91 +263,67 @@ class _Archive:
         for (_, end, a), (begin, _, b) in zip(self.ranges, self.ranges[1:]):
             if begin < end:
                 raise CheckpointError(
-                    f"{self.name} is corrupt: zip entries {safe_repr(a)} and {safe_repr(b)} "
-                    "share bytes"
+                    f"{self.name} is corrupt: zip entries {self.describe(a)} and "
+                    f"{self.describe(b)} share bytes"
                 )
-
-
-class _ZipFile(zipfile.ZipFile):
-    """zipfile's reader without its Python-level finalizer: a signal handler's exception
-    (Ctrl-C's) raised while a finalizer runs is dropped, and a reader opening files in a
-    loop runs one per archive. :func:`open_torch_zip` closes the archive itself."""
-
-    # (a C function taking no arguments: no Python frame, so no signal is handled in it)
-    __del__ = staticmethod(int)
 
 
 def open_torch_zip(p: Path, name: str, fd: int, size: int) -> Checkpoint:
-    f = os.fdopen(os.dup(fd), "rb")
-    zf = None
-    try:
+    ar = _Archive(name, fd, size, list_entries(name, fd, size))
+    ar.prefetch_headers()  # read by the kernel while the pickle is parsed
+    pkl = ar.get("data.pkl")
+    if pkl is None:
+        raise CheckpointError(f"{name} is a zip archive but not a torch checkpoint")
+    version = ar.get(".data/version") or ar.get("version")
+    if version is None:
+        raise CheckpointError(
+            f"{name} is corrupt or not a torch checkpoint: its archive has no version record"
+        )
+    text = ar.read_small(version, 64)
+    m = re.match(rb"[ \t\n\r\f\v]*([0-9]+)", text)
+    if m is None or int(m.group(1)) not in _ZIP_VERSIONS:
+        raise CheckpointError(
+            f"{name}: unsupported torch file version {safe_repr(text, 20)} (torch 2.13 reads "
+            "1 to 10)"
+        )
+    byteorder = ar.get("byteorder")
+    if byteorder is not None:
+        order = ar.read_small(byteorder, 64)
+        if order == b"big":
+            raise CheckpointError(
+                f"{name} was saved big-endian; cndiff reads little-endian only"
+            )
+        if order != b"little":
+            raise CheckpointError(
+                f"{name} is corrupt: its byteorder record says {safe_repr(order, 20)}"
+            )
+    data = ar.read_small(pkl, MAX_PICKLE_BYTES)
+    loaded = _load(name, data, "zip", size)
+    starts: dict[str, int] = {}
+    for key, ref in loaded.storages.items():
         try:
-            zf = _ZipFile(f)
-        except _ZIP_ERRORS as exc:
+            member = ar.get(f"data/{key}")
+        except UnicodeEncodeError:
+            member = None
+        if member is None:
             raise CheckpointError(
-                f"{name} is truncated or corrupt (not a readable zip archive: "
-                f"{safe_repr(str(exc), 200)}); download it again"
-            ) from None
-        ar = _Archive(name, fd, size, zf)
-        ar.prefetch_headers()  # read by the kernel while the pickle is parsed
-        pkl = ar.get("data.pkl")
-        if pkl is None:
-            raise CheckpointError(f"{name} is a zip archive but not a torch checkpoint")
-        version = ar.get(".data/version") or ar.get("version")
-        if version is None:
-            raise CheckpointError(
-                f"{name} is corrupt or not a torch checkpoint: its archive has no version record"
+                f"{name} is corrupt: storage {safe_repr(key)} is missing from the archive"
             )
-        text = ar.read_small(version, 64)
-        m = re.match(rb"[ \t\n\r\f\v]*([0-9]+)", text)
-        if m is None or int(m.group(1)) not in _ZIP_VERSIONS:
+        if member.compress_type != zipfile.ZIP_STORED:
             raise CheckpointError(
-                f"{name}: unsupported torch file version {safe_repr(text, 20)} (torch 2.13 reads "
-                "1 to 10)"
+                f"{name}: storage {safe_repr(key)} is compressed; not supported"
             )
-        byteorder = ar.get("byteorder")
-        if byteorder is not None:
-            order = ar.read_small(byteorder, 64)
-            if order == b"big":
-                raise CheckpointError(
-                    f"{name} was saved big-endian; cndiff reads little-endian only"
-                )
-            if order != b"little":
-                raise CheckpointError(
-                    f"{name} is corrupt: its byteorder record says {safe_repr(order, 20)}"
-                )
-        data = ar.read_small(pkl, MAX_PICKLE_BYTES)
-        loaded = _load(name, data, "zip", size)
-        starts: dict[str, int] = {}
-        for key, ref in loaded.storages.items():
-            try:
-                member = ar.get(f"data/{key}")
-            except UnicodeEncodeError:
-                member = None
-            if member is None:
-                raise CheckpointError(
-                    f"{name} is corrupt: storage {safe_repr(key)} is missing from the archive"
-                )
-            if member.compress_type != zipfile.ZIP_STORED:
-                raise CheckpointError(
-                    f"{name}: storage {safe_repr(key)} is compressed; not supported"
-                )
-            ar.check_member(member)
-            need = ref.numel * ref.dtype.itemsize
-            if need != member.file_size:
-                # torch refuses any other size: "record size does not match expected size"
-                raise CheckpointError(
-                    f"{name} is corrupt: storage {safe_repr(key)} claims {need} bytes but the "
-                    f"archive holds {member.file_size}"
-                )
-            # (torch never looks at an empty record's header: it holds no bytes)
-            starts[key] = ar.data_start(member) if need else 0
-        ar.check_no_overlap()
-    finally:
-        # (closed here: _ZipFile has no finalizer to do it)
-        if zf is not None:
-            zf.close()
-        f.close()
+        ar.check_member(member)
+        need = ref.numel * ref.dtype.itemsize
+        if need != member.file_size:
+            # torch refuses any other size: "record size does not match expected size"
+            raise CheckpointError(
+                f"{name} is corrupt: storage {safe_repr(key)} claims {need} bytes but the "
+                f"archive holds {member.file_size}"
+            )
+        # (torch never looks at an empty record's header: it holds no bytes)
+        starts[key] = ar.data_start(member) if need else 0
+    ar.check_no_overlap()
 
     def to_info(key: str, ref: TensorRef) -> TensorInfo:
         return _tensor_info(name, key, ref, starts[ref.storage.key], size)
