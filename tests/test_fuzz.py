@@ -273,6 +273,14 @@ CASES: dict[str, tuple] = {
         lambda: in_zip(sd(("a", tensor())), {"0": F32_6[:8]}),
         "claims 24 bytes but the archive holds 8",
     ),
+    "zip_storage_past_end": (  # its local header's extra field runs its data past the end
+        lambda: patch_local(in_zip(sd(("a", tensor()))), "data/0", 28, b"\xff\xff"),
+        "is truncated: 'archive/data/0' ends at byte",
+    ),
+    "zip_storage_header_past_end": (  # its local header starts in the last 30 bytes
+        lambda: patch_central(in_zip(sd(("a", tensor()))), "data/0", 42, b"\xf0\xff\x00\x00"),
+        "bad zip entry for 'archive/data/0'",
+    ),
     "zip_view_past_storage": (lambda: in_zip(sd(("a", tensor(shape=(80,))))), "reaches element"),
     "zip_1tb_tensor": (
         lambda: in_zip(sd(("a", tensor(shape=(2**38,), numel=2**38)))),

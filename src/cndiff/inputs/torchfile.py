@@ -23,7 +23,6 @@ import re
 import struct
 import zipfile
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,14 @@ from .checkpoint import (
     contiguous_strides,
     tensor_info,
 )
-from .unpickle import Opaque, PickleEndsError, TensorRef, Unpickled, restricted_load
+from .unpickle import (
+    Opaque,
+    PickleEndsError,
+    StorageRef,
+    TensorRef,
+    Unpickled,
+    restricted_load,
+)
 from .ziplist import Entry, list_entries
 
 __all__ = ["open_torch_zip", "open_torch_legacy", "MAX_PICKLE_BYTES"]
@@ -77,8 +83,11 @@ def _key_name(key: Any) -> str:
 
 
 def _unwrap(
-    name: str, obj: Any, to_info: Callable[[str, TensorRef], TensorInfo]
+    name: str, obj: Any, starts: dict[str, int], size: int
 ) -> tuple[dict[str, TensorInfo], bool, list[str]]:
+    """The state dict in ``obj`` (a dict, or one under ``"state_dict"``): its tensors
+    where they lie in the file (their storages' data starting at ``starts``), whether it
+    was wrapped, and the names of the other entries."""
     if not isinstance(obj, dict):
         what = "list" if isinstance(obj, list) else type(obj).__name__
         raise CheckpointError(f"{name} holds a pickled {what}, not a state dict of tensors")
@@ -86,44 +95,60 @@ def _unwrap(
     sd = obj["state_dict"] if wrapped else obj
     extras = [_key_name(k) for k in obj if k != "state_dict"] if wrapped else []
     tensors: dict[str, TensorInfo] = {}
+    shapes: dict[tuple[int, ...], tuple[tuple[int, ...], int]] = {}
     for key, value in sd.items():
         if isinstance(value, TensorRef):
             if not isinstance(key, str):
                 raise CheckpointError(
                     f"{name}: a tensor key is not a string ({safe_repr(key, 40)})"
                 )
-            tensors[key] = to_info(key, value)
+            tensors[key] = _tensor_info(
+                name, key, value, starts[value.storage.key], size, shapes
+            )
         elif not wrapped and not isinstance(value, (int, float, str, Opaque, type(None))):
             extras.append(_key_name(key))
     return tensors, wrapped, extras
 
 
-def _tensor_info(name: str, key: str, ref: TensorRef, storage_offset: int, size: int) -> TensorInfo:
+def _tensor_info(
+    name: str,
+    key: str,
+    ref: TensorRef,
+    storage_offset: int,
+    size: int,
+    shapes: dict[tuple[int, ...], tuple[tuple[int, ...], int]],
+) -> TensorInfo:
     """Where tensor ``key`` lies in the file, its storage's data starting at byte
     ``storage_offset`` of a file of ``size`` bytes. The view was checked against its
-    storage when unpickled, and the storage against the file by the caller."""
+    storage when unpickled, and the storage against the file by the caller. ``shapes``
+    remembers each shape's contiguous strides and element count (a state dict has a few
+    dozen shapes for a thousand tensors)."""
+    shape = ref.shape
+    known = shapes.get(shape)
+    if known is None:
+        numel = 1
+        for d in shape:
+            numel *= d
+        known = shapes[shape] = (contiguous_strides(shape), numel)
+    strides, numel = known
     itemsize = ref.storage.dtype.itemsize
-    numel = 1
-    for d in ref.shape:
-        numel *= d
     if numel == 0:
-        check_empty_shape(name, key, ref.shape)
-        return tensor_info(key, ref.storage.dtype, ref.shape, storage_offset)
+        check_empty_shape(name, key, shape)
+        return tensor_info(key, ref.storage.dtype, shape, storage_offset)
     # Views may overlap themselves (an expanded tensor: stride 0); materializing one
     # costs its full size, which must not exceed what the file could hold.
     if numel * itemsize > size:
         raise CheckpointError(
-            f"{name}: tensor {safe_repr(key)} of shape {safe_repr(list(ref.shape))} would "
+            f"{name}: tensor {safe_repr(key)} of shape {safe_repr(list(shape))} would "
             f"take {numel * itemsize} bytes, more than the whole file ({size}); the file is "
             "corrupt"
         )
-    contiguous = ref.stride == contiguous_strides(ref.shape)
     return tensor_info(
         key,
         ref.storage.dtype,
-        ref.shape,
+        shape,
         storage_offset + ref.offset * itemsize,
-        None if contiguous else ref.stride,
+        None if ref.stride == strides else ref.stride,
     )
 
 
@@ -258,6 +283,54 @@ class _Archive:
         self.ranges.append((off, start + info.file_size, info))
         return start
 
+    def storage_starts(self, storages: dict[str, StorageRef]) -> dict[str, int]:
+        """Where each storage's bytes start, after checking its record against the pickle
+        (present, stored, exactly the size the pickle gives it) and its local header."""
+        name, by_name, data_prefix = self.name, self.by_name, self.prefix + b"data/"
+        fd, size, ranges, pread = self.fd, self.size, self.ranges, os.pread
+        starts: dict[str, int] = {}
+        for key, ref in storages.items():
+            try:
+                member = by_name.get((data_prefix + key.encode("utf-8")).lower())
+            except UnicodeEncodeError:
+                member = None
+            if member is None:
+                raise CheckpointError(
+                    f"{name} is corrupt: storage {safe_repr(key)} is missing from the archive"
+                )
+            raw, flags, method, _, stored, length, attr, off = member
+            if method != zipfile.ZIP_STORED:
+                raise CheckpointError(
+                    f"{name}: storage {safe_repr(key)} is compressed; not supported"
+                )
+            if attr & 0x10 or flags & _ZIP_FLAGS_REFUSED or stored != length or \
+                    raw.endswith(b"/"):  # fmt: skip
+                self.check_member(member)  # (raises, saying which)
+            need = ref.numel * ref.dtype.itemsize
+            if need != length:
+                # torch refuses any other size: "record size does not match expected size"
+                raise CheckpointError(
+                    f"{name} is corrupt: storage {safe_repr(key)} claims {need} bytes but the "
+                    f"archive holds {length}"
+                )
+            if not need:
+                # (torch never looks at an empty record's header: it holds no bytes)
+                starts[key] = 0
+                continue
+            # data_start's reading and checks, inline (a file has a thousand storages);
+            # where any fails, data_start itself says which
+            n = len(raw)
+            hdr = pread(fd, 30 + n, off) if 0 <= off <= size - 30 else b""
+            if len(hdr) == 30 + n and hdr[:4] == b"PK\x03\x04" and hdr[30:] == raw:
+                name_len, extra_len = _U16_PAIR(hdr, 26)
+                start = off + 30 + name_len + extra_len
+                if name_len == n and start + length <= size:
+                    ranges.append((off, start + length, member))
+                    starts[key] = start
+                    continue
+            starts[key] = self.data_start(member)
+        return starts
+
     def check_no_overlap(self) -> None:
         self.ranges.sort()
         for (_, end, a), (begin, _, b) in zip(self.ranges, self.ranges[1:]):
@@ -299,36 +372,10 @@ def open_torch_zip(p: Path, name: str, fd: int, size: int) -> Checkpoint:
             )
     data = ar.read_small(pkl, MAX_PICKLE_BYTES)
     loaded = _load(name, data, "zip", size)
-    starts: dict[str, int] = {}
-    for key, ref in loaded.storages.items():
-        try:
-            member = ar.get(f"data/{key}")
-        except UnicodeEncodeError:
-            member = None
-        if member is None:
-            raise CheckpointError(
-                f"{name} is corrupt: storage {safe_repr(key)} is missing from the archive"
-            )
-        if member.compress_type != zipfile.ZIP_STORED:
-            raise CheckpointError(
-                f"{name}: storage {safe_repr(key)} is compressed; not supported"
-            )
-        ar.check_member(member)
-        need = ref.numel * ref.dtype.itemsize
-        if need != member.file_size:
-            # torch refuses any other size: "record size does not match expected size"
-            raise CheckpointError(
-                f"{name} is corrupt: storage {safe_repr(key)} claims {need} bytes but the "
-                f"archive holds {member.file_size}"
-            )
-        # (torch never looks at an empty record's header: it holds no bytes)
-        starts[key] = ar.data_start(member) if need else 0
+    starts = ar.storage_starts(loaded.storages)
     ar.check_no_overlap()
 
-    def to_info(key: str, ref: TensorRef) -> TensorInfo:
-        return _tensor_info(name, key, ref, starts[ref.storage.key], size)
-
-    tensors, wrapped, extras = _unwrap(name, loaded.obj, to_info)
+    tensors, wrapped, extras = _unwrap(name, loaded.obj, starts, size)
     return Checkpoint(p, "torch-zip", size, tensors, wrapped, {}, extras, fd)
 
 
@@ -394,8 +441,5 @@ def open_torch_legacy(p: Path, name: str, fd: int, size: int) -> Checkpoint:
             # torch.load would hand out uninitialized memory for it
             raise CheckpointError(f"{name} is corrupt: storage {safe_repr(key)} missing")
 
-    def to_info(key: str, ref: TensorRef) -> TensorInfo:
-        return _tensor_info(name, key, ref, starts[ref.storage.key], size)
-
-    tensors, wrapped, extras = _unwrap(name, loaded.obj, to_info)
+    tensors, wrapped, extras = _unwrap(name, loaded.obj, starts, size)
     return Checkpoint(p, "torch-legacy", size, tensors, wrapped, {}, extras, fd)
