@@ -72,6 +72,40 @@ def test_batch_bit_equal_to_naive(models, tmp_path):
         assert_bit_equal(load_file(str(r.output)), naive_diff(c, base, "bf16"))
 
 
+def test_short_first_task_changes_no_byte(models, tmp_path, monkeypatch):
+    """The first task is cut short (so the first bytes come sooner): the outputs are the
+    same bytes, in a batch and alone, wherever the cut falls."""
+    from cndiff import engine
+
+    folder, base = models
+    controls = sorted(folder.glob("control_*.pth"))[:3]
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    monkeypatch.setattr(engine, "FIRST_TASK", 1 << 40)
+    extract_many(controls, base, ref)
+    tasks: list[tuple[int, int]] = []
+    real = engine._compute
+
+    def spy(slot, task):
+        tasks.append((task.start, task.count))
+        return real(slot, task)
+
+    monkeypatch.setattr(engine, "_compute", spy)
+    for cut in (1, 5, 37):
+        monkeypatch.setattr(engine, "FIRST_TASK", cut)
+        tasks.clear()
+        out = tmp_path / f"cut{cut}"
+        out.mkdir()
+        extract_many(controls, base, out)
+        assert tasks[:2] == [(0, cut), (cut, tasks[1][1])] and tasks[1][1] > 0
+        cndiff.extract(controls[0], base, out / "alone.safetensors")
+        for c in controls:
+            name = f"diff_{c.stem}_fp16.safetensors"
+            assert (out / name).read_bytes() == (ref / name).read_bytes()
+        assert (out / "alone.safetensors").read_bytes() == \
+            (ref / f"diff_{controls[0].stem}_fp16.safetensors").read_bytes()  # fmt: skip
+
+
 def test_corrupt_model_fails_alone(models, tmp_path):
     folder, base = models
     work = tmp_path / "in"

@@ -161,7 +161,26 @@ class _Slot:
         return functools.partial(self.spare.put, buf)
 
 
+#: the elements of the first task at most: it is split where larger, so that the first
+#: bytes are written (and the bar moves) about 3 ms after the workers start, and not
+#: after a whole chunk of every model in a batch (SD1.5: 8 x 410k elements, 13 ms)
+FIRST_TASK = 1 << 13
+
+
 def _tasks(streams: Sequence[Stream], chunk: int) -> Iterator[_Task]:
+    tasks = _all_tasks(streams, chunk)
+    first = next(tasks, None)
+    if first is None:
+        return
+    if first.pack is None and first.count > FIRST_TASK:
+        yield _Task(first.members, first.start, FIRST_TASK)
+        yield _Task(first.members, first.start + FIRST_TASK, first.count - FIRST_TASK)
+    else:
+        yield first
+    yield from tasks
+
+
+def _all_tasks(streams: Sequence[Stream], chunk: int) -> Iterator[_Task]:
     if len(streams) == 1 and streams[0].packs:
         yield from _packed_tasks(streams[0], chunk)
         return
