@@ -68,6 +68,44 @@ def test_cli_does_not_import_torch_on_cpu(sd15_pair, tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == "False"
 
 
+@pytest.mark.parametrize(
+    "argv, preset, want",
+    [
+        (["extract", "{c}", "{b}", "-o", "{o}", "-q"], None, "1"),
+        (["inspect", "{c}"], None, "1"),
+        (["extract", "{c}", "{b}", "-o", "{o}", "-q"], {"OMP_NUM_THREADS": "2"}, None),
+        (["extract", "{c}", "{b}", "-o", "{o}", "-q"], {"OPENBLAS_NUM_THREADS": "3"}, "3"),
+        (["extract", "{c}", "{b}", "-o", "{o}", "-q", "--format", "control-lora", "--rank",
+          "4"], None, None),  # fmt: skip
+        (["verify", "{d}", "--control", "{c}", "--base", "{b}", "-q"], None, None),
+    ],
+    ids=["extract", "inspect", "omp-set", "openblas-set", "control-lora", "verify"],
+)
+def test_one_blas_thread_where_no_blas_call(sd15_pair, tmp_path, argv, preset, want):
+    """Commands making no BLAS call start OpenBLAS with one thread (its idle worker
+    spins), unless the user said otherwise; the Control-LoRA export and verify keep it."""
+    control, base = sd15_pair
+    rc0 = main(["extract", str(control), str(base), "-o", str(tmp_path / "d.safetensors"),
+                 "-q"])  # fmt: skip
+    assert rc0 == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = [a.format(c=control, b=base, o=out, d=tmp_path / "d.safetensors") for a in argv]
+    code = (
+        "import os, sys; from cndiff.cli import main; "
+        f"rc = main({argv!r}); print(rc, 'numpy' in sys.modules, "
+        "os.environ.get('OPENBLAS_NUM_THREADS'))"
+    )
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")}  # fmt: skip
+    env.update(preset or {}, PYTHONPATH=str(REPO / "src"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    rc, numpy_loaded, got = proc.stdout.strip().splitlines()[-1].split()
+    assert rc == "0" and numpy_loaded == "True"
+    assert got == str(want)
+
+
 def _error_cases(tmp: Path, control: Path, base: Path) -> dict[str, tuple[list[str], str]]:
     notckpt = tmp / "notes.pth"
     notckpt.write_text("hello, this is not a model\n" * 10)
