@@ -76,15 +76,15 @@ def list_entries(name: str, fd: int, size: int) -> list[Entry]:
 def list_by_zipfile(name: str, fd: int, size: int) -> list[Entry]:
     """:func:`list_entries` through ``zipfile`` (any archive it reads)."""
     f = os.fdopen(os.dup(fd), "rb")
+    zf = None
     try:
-        zf = _ZipFile(f)
-    except _ZIP_ERRORS as exc:
-        f.close()
-        raise CheckpointError(
-            f"{name} is truncated or corrupt (not a readable zip archive: "
-            f"{safe_repr(str(exc), 200)}); download it again"
-        ) from None
-    try:
+        try:
+            zf = _ZipFile(f)
+        except _ZIP_ERRORS as exc:
+            raise CheckpointError(
+                f"{name} is truncated or corrupt (not a readable zip archive: "
+                f"{safe_repr(str(exc), 200)}); download it again"
+            ) from None
         return [
             Entry(
                 i.orig_filename.encode("utf-8" if i.flag_bits & _UTF8_NAME else "cp437"),
@@ -95,7 +95,8 @@ def list_by_zipfile(name: str, fd: int, size: int) -> list[Entry]:
         ]
     finally:
         # (closed here: _ZipFile has no finalizer to do it)
-        zf.close()
+        if zf is not None:
+            zf.close()
         f.close()
 
 
