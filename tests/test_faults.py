@@ -21,6 +21,7 @@ import pytest
 
 import cndiff
 import cndiff.inputs.checkpoint
+import cndiff.inputs.opening
 import cndiff.writer
 from cndiff import synthetic
 from cndiff.cli import main
@@ -648,7 +649,7 @@ def test_unreadable_input(pair, tmp_path, monkeypatch, capsys):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
             return os.open(path, flags, mode)
 
-        monkeypatch.setattr(cndiff.inputs.checkpoint, "os", OsProxy(open=deny))
+        monkeypatch.setattr(cndiff.inputs.opening, "os", OsProxy(open=deny))
     else:
         c.chmod(0)
     with pytest.raises(CheckpointError, match="permission denied"):

@@ -240,16 +240,16 @@ def test_any_exception_of_one_model_leaves_the_others(tmp_path, monkeypatch, cap
     models = tmp_path / "models"
     for n in ("a", "b", "c"):
         synthetic.make_control(models / f"control_{n}.pth", arch, seed=1, base_seed=0)
-    from cndiff.inputs import checkpoint
+    from cndiff.inputs import opening
 
-    real = checkpoint.open_checkpoint
+    real = opening.open_checkpoint
 
     def flaky(path, *a, **k):
         if Path(path).name == "control_b.pth":
             raise AttributeError("'OrderedDict' object attribute 'items' is read-only")
         return real(path, *a, **k)
 
-    for mod in ("cndiff.inputs.checkpoint", "cndiff.inputs.sources", "cndiff.inputs",
+    for mod in ("cndiff.inputs.opening", "cndiff.inputs.sources", "cndiff.inputs",
                 "cndiff.commands.extract"):  # fmt: skip
         if hasattr(sys.modules[mod], "open_checkpoint"):
             monkeypatch.setattr(sys.modules[mod], "open_checkpoint", flaky)

@@ -49,9 +49,11 @@ with atheris.instrument_imports(include=["cndiff"]):
     import hostile
 
     import cndiff.inputs.checkpoint  # noqa: F401
+    import cndiff.inputs.opening  # noqa: F401
     import cndiff.inputs.safetensors  # noqa: F401
     import cndiff.inputs.torchfile  # noqa: F401
     import cndiff.inputs.unpickle  # noqa: F401
+    import cndiff.inputs.ziplist  # noqa: F401
 
 try:  # the differential against the reference readers, when they are installed
     import differential

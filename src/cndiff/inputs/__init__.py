@@ -1,7 +1,9 @@
 """Reading: open checkpoint files lazily and safely, and say what they are.
 
-* :mod:`.checkpoint` opens any checkpoint (only its index is read; tensor bytes on
-  demand) and holds :class:`Checkpoint` and :class:`TensorInfo`;
+* :mod:`.opening` opens any checkpoint (only its index is read) and hands it to its
+  format's reader;
+* :mod:`.checkpoint` holds :class:`Checkpoint` (tensor bytes read on demand) and
+  :class:`TensorInfo`;
 * :mod:`.safetensors` parses safetensors headers against their schema, in bounded memory;
 * :mod:`.torchfile` reads torch's zip and legacy formats as torch reads them (or refuses);
   :mod:`.ziplist` lists a zip archive's entries (plain ones itself, others by zipfile);
@@ -9,6 +11,7 @@
   runs code, and bounds its work and memory by the size of the pickle.
 """
 
-from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from .checkpoint import Checkpoint, TensorInfo
+from .opening import open_checkpoint
 
 __all__ = ["Checkpoint", "TensorInfo", "open_checkpoint"]

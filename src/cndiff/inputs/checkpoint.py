@@ -12,7 +12,8 @@ from their offsets in the file, so a 5.7 GB ControlNet costs a few hundred kilob
 open and only the bytes of the tensors actually read. A ``{"state_dict": {...}}`` wrapper
 is unwrapped. Tensors saved from CUDA are described (and read) like any other.
 
-The formats themselves are read by :mod:`.safetensors` and :mod:`.torchfile`; both read a
+:func:`~cndiff.inputs.opening.open_checkpoint` opens a file; the formats themselves are
+read by :mod:`.safetensors` and :mod:`.torchfile`; both read a
 file as its reference reader does (``safetensors``, ``torch.load``) or refuse it, with
 work and memory bounded by the file's size. Every problem a file can cause is a
 :class:`~cndiff.errors.CheckpointError` with a one-line, printable message (names from
@@ -21,9 +22,7 @@ the file are escaped); Ctrl-C and SIGTERM are answered in every phase.
 
 from __future__ import annotations
 
-import gc
 import os
-import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,16 +31,16 @@ import numpy as np
 
 from ..dtypes import DType
 from ..errors import CheckpointError
-from ..text import escape, escape_path, safe_repr
+from ..text import escape, safe_repr
 from .unpickle import shape_too_large
 
 __all__ = [
     "TensorInfo",
     "Checkpoint",
-    "open_checkpoint",
     "check_empty_shape",
     "contiguous_strides",
     "tensor_info",
+    "SLOT_SETTERS",
 ]
 
 
@@ -73,12 +72,14 @@ class TensorInfo:
         return self.numel * self.itemsize
 
 
-# for readers building a million TensorInfo at once (the frozen dataclass's __init__
-# goes through object.__setattr__, three times slower than setting the slots directly)
-_new = object.__new__
-_set_key, _set_dtype, _set_shape, _set_offset, _set_stride = (
+#: ``TensorInfo``'s slot setters, in field order (key, dtype, shape, offset, stride): for
+#: readers building a million of them at once (the frozen dataclass's ``__init__`` goes
+#: through ``object.__setattr__``, three times slower than setting the slots directly);
+#: an instance to fill is ``object.__new__(TensorInfo)``
+SLOT_SETTERS = tuple(
     TensorInfo.__dict__[f].__set__ for f in ("key", "dtype", "shape", "offset", "stride")
 )
+_set_key, _set_dtype, _set_shape, _set_offset, _set_stride = SLOT_SETTERS
 
 
 def tensor_info(
@@ -90,7 +91,7 @@ def tensor_info(
 ) -> TensorInfo:
     """``TensorInfo(key, dtype, shape, offset, stride)``, built without the frozen
     dataclass's ``__init__`` (a reader builds one per tensor of a file)."""
-    info = _new(TensorInfo)
+    info = object.__new__(TensorInfo)
     _set_key(info, key)
     _set_dtype(info, dtype)
     _set_shape(info, shape)
@@ -318,77 +319,6 @@ class Checkpoint:
                 self._strided = None
 
 
-# -- opening -------------------------------------------------------------------------------
-
-
-def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Open a checkpoint lazily and describe its tensors.
-
-    Raises :class:`~cndiff.errors.CheckpointError` (with a message that says what to do)
-    when the path is missing, is a folder, or is not a readable checkpoint, and
-    :class:`~cndiff.errors.UnsafeCheckpointError` when its pickle would run code.
-    """
-    p = Path(path)
-    shown = escape_path(p)
-    try:
-        exists, is_dir = p.exists(), p.is_dir()
-    except (OSError, ValueError) as exc:  # a name too long, a NUL byte...
-        why = safe_repr(getattr(exc, "strerror", None) or type(exc).__name__, 60)
-        raise CheckpointError(f"{shown}: not a usable path ({why})") from None
-    if not exists:
-        raise CheckpointError(f"{shown}: no such file; check the path")
-    if is_dir:
-        raise CheckpointError(f"{shown} is a folder, not a checkpoint file; name the file itself")
-    try:
-        # O_NONBLOCK: opening a FIFO for reading would wait for a writer forever
-        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
-    except PermissionError:
-        raise CheckpointError(f"{shown}: permission denied; check the file's permissions") from None
-    except OSError as exc:
-        raise CheckpointError(f"{shown}: cannot open ({exc.strerror})") from None
-    name = escape(p.name)
-    # The cyclic garbage collector is paused while the index is read: every object built
-    # is kept, and the tens of thousands of them in a state dict's pickle (or millions in a
-    # large safetensors header) would otherwise set off collections that walk them all
-    # again and again, for nothing (SD1.5 pair: 94 collections, 8% of the opening).
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(
-                f"{shown} is not a regular file (a pipe or a device?); name the checkpoint file"
-            )
-        size = st.st_size
-        head = os.pread(fd, 16, 0)
-        if head[:4] == b"PK\x03\x04":
-            ckpt = open_torch_zip(p, name, fd, size)
-        elif len(head) >= 9 and head[8:9] == b"{" and head[:8] != bytes(8):
-            ckpt = open_safetensors(p, name, fd, size)
-        elif head[:1] == b"\x80":
-            ckpt = open_torch_legacy(p, name, fd, size)
-        elif size == 0:
-            raise CheckpointError(f"{name} is empty (0 bytes): download it again")
-        else:
-            raise CheckpointError(
-                f"{name} is not a checkpoint (neither safetensors nor a torch file); "
-                "check that you named the right file"
-            )
-    except OSError as exc:  # EIO and the like, reading the index
-        os.close(fd)
-        raise CheckpointError(
-            f"{shown}: cannot read ({exc.strerror or type(exc).__name__})"
-        ) from None
-    except BaseException:  # a refusal, Ctrl-C, SIGTERM (as an exception)...
-        os.close(fd)
-        raise
-    finally:
-        if collecting:
-            gc.enable()
-    ckpt._mtime_ns = st.st_mtime_ns
-    return ckpt
-
-
 def check_empty_shape(name: str, key: str, shape: tuple[int, ...]) -> None:
     """Refuse a tensor with a 0 in its shape whose other sizes are absurd: it holds
     nothing, but numpy refuses to even describe (0, 2**70)."""
@@ -397,7 +327,3 @@ def check_empty_shape(name: str, key: str, shape: tuple[int, ...]) -> None:
             f"{name}: tensor {safe_repr(key)} has an impossible shape {safe_repr(list(shape))}"
         )
 
-
-# (the format readers use the classes above)
-from .safetensors import open_safetensors  # noqa: E402
-from .torchfile import open_torch_legacy, open_torch_zip  # noqa: E402

@@ -38,17 +38,7 @@ import numpy as np
 from ..dtypes import DTYPES, DType, by_safetensors
 from ..errors import CheckpointError
 from ..text import safe_repr
-from .checkpoint import (
-    Checkpoint,
-    TensorInfo,
-    _new,
-    _set_dtype,
-    _set_key,
-    _set_offset,
-    _set_shape,
-    _set_stride,
-    check_empty_shape,
-)
+from .checkpoint import SLOT_SETTERS, Checkpoint, TensorInfo, check_empty_shape
 from .unpickle import MAX_NDIM
 
 __all__ = ["MAX_HEADER_BYTES", "MAX_ENTRY_BYTES", "MAX_METADATA_ENTRIES", "open_safetensors"]
@@ -145,7 +135,8 @@ class _Header:
         dtypes = _DTYPE_CODES
         shapes = self.shapes
         data_start, size = self.data_start, self.size
-        new, sk, sd, ss, so, st = _new, _set_key, _set_dtype, _set_shape, _set_offset, _set_stride
+        new = object.__new__
+        sk, sd, ss, so, st = SLOT_SETTERS
         TI = TensorInfo  # noqa: N806
         reach, in_order = self.reach, self.in_order
         sep = b","

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import CndiffError, WrongKindError
 from ..text import escape
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint
 from .classify import (
     CONTROL_PREFIX,
     DIFFERENCE_KEY,
@@ -22,6 +22,7 @@ from .classify import (
     FileKind,
     classify,
 )
+from .opening import open_checkpoint
 from .views import View, control_view, unet_view
 
 __all__ = [
