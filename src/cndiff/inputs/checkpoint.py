@@ -1,4 +1,4 @@
-"""Open any checkpoint lazily: list keys, shapes and dtypes, read a tensor or a slice of it.
+"""An open checkpoint, read lazily: list keys, shapes and dtypes, read a tensor or a slice of it.
 
 Supported containers:
 
