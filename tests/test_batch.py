@@ -84,13 +84,14 @@ def test_short_first_task_changes_no_byte(models, tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "FIRST_TASK", 1 << 40)
     extract_many(controls, base, ref)
     tasks: list[tuple[int, int]] = []
-    real = engine._compute
+    real = engine._tasks
 
-    def spy(slot, task):
-        tasks.append((task.start, task.count))
-        return real(slot, task)
+    def spy(streams, chunk):  # (the tasks in the order they are handed out)
+        for task in real(streams, chunk):
+            tasks.append((task.start, task.count))
+            yield task
 
-    monkeypatch.setattr(engine, "_compute", spy)
+    monkeypatch.setattr(engine, "_tasks", spy)
     for cut in (1, 5, 37):
         monkeypatch.setattr(engine, "FIRST_TASK", cut)
         tasks.clear()

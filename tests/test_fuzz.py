@@ -277,7 +277,7 @@ CASES: dict[str, tuple] = {
         lambda: patch_local(in_zip(sd(("a", tensor()))), "data/0", 28, b"\xff\xff"),
         "is truncated: 'archive/data/0' ends at byte",
     ),
-    "zip_storage_header_past_end": (  # its local header starts in the last 30 bytes
+    "zip_storage_header_past_end": (  # its local header lies past the end of the file
         lambda: patch_central(in_zip(sd(("a", tensor()))), "data/0", 42, b"\xf0\xff\x00\x00"),
         "bad zip entry for 'archive/data/0'",
     ),
