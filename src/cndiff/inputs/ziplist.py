@@ -5,9 +5,9 @@ the central directory right before its end records (zip64 ones past 4 GB). Such 
 archive is listed by a short loop over the directory (:func:`list_canonical`: 1.7 ms
 for a ControlNet's 1,490 entries, zipfile 3.9 ms; a batch lists eight controls and a
 base before it writes); any other archive, or anything in it that is not what that loop
-expects, goes to ``zipfile``, whose reading (and refusals) stay the reference. Both give the same
-:class:`Entry` list for the archives the loop reads; ``tests/test_ziplist.py`` holds them
-to it on torch-written files and on mutants of them.
+expects, goes to ``zipfile``, whose reading (and refusals) stay the reference. Both give
+the same :class:`Entry` list for the archives the loop reads; ``tests/test_ziplist.py``
+holds them to it on torch-written files and on mutants of them.
 """
 
 from __future__ import annotations
