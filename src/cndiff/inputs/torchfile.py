@@ -287,7 +287,7 @@ class _Archive:
         """Where each storage's bytes start, after checking its record against the pickle
         (present, stored, exactly the size the pickle gives it) and its local header."""
         name, by_name, data_prefix = self.name, self.by_name, self.prefix + b"data/"
-        fd, size, ranges, pread = self.fd, self.size, self.ranges, os.pread
+        check_member, data_start = self.check_member, self.data_start
         starts: dict[str, int] = {}
         for key, ref in storages.items():
             try:
@@ -298,15 +298,13 @@ class _Archive:
                 raise CheckpointError(
                     f"{name} is corrupt: storage {safe_repr(key)} is missing from the archive"
                 )
-            raw, flags, method, _, stored, length, attr, off = member
-            if method != zipfile.ZIP_STORED:
+            if member.compress_type != zipfile.ZIP_STORED:
                 raise CheckpointError(
                     f"{name}: storage {safe_repr(key)} is compressed; not supported"
                 )
-            if attr & 0x10 or flags & _ZIP_FLAGS_REFUSED or stored != length or \
-                    raw.endswith(b"/"):  # fmt: skip
-                self.check_member(member)  # (raises, saying which)
+            check_member(member)
             need = ref.numel * ref.dtype.itemsize
+            length = member.file_size
             if need != length:
                 # torch refuses any other size: "record size does not match expected size"
                 raise CheckpointError(
@@ -317,18 +315,7 @@ class _Archive:
                 # (torch never looks at an empty record's header: it holds no bytes)
                 starts[key] = 0
                 continue
-            # data_start's reading and checks, inline (a file has a thousand storages);
-            # where any fails, data_start itself says which
-            n = len(raw)
-            hdr = pread(fd, 30 + n, off) if 0 <= off <= size - 30 else b""
-            if len(hdr) == 30 + n and hdr[:4] == b"PK\x03\x04" and hdr[30:] == raw:
-                name_len, extra_len = _U16_PAIR(hdr, 26)
-                start = off + 30 + name_len + extra_len
-                if name_len == n and start + length <= size:
-                    ranges.append((off, start + length, member))
-                    starts[key] = start
-                    continue
-            starts[key] = self.data_start(member)
+            starts[key] = data_start(member)
         return starts
 
     def check_no_overlap(self) -> None:
