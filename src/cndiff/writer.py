@@ -523,8 +523,6 @@ class _WriteBehind:
             buf = bytearray(n)
         memoryview(buf)[:n] = data
         self._todo.put((buf, n, None))
-        if release is not None:
-            release()
 
     def _join(self) -> None:
         # (the threads are forgotten only once they have ended: a join cut short by Ctrl-C
