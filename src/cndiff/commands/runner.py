@@ -139,7 +139,8 @@ def run_models(
     with ExitStack() as stack:
         shared = _open_base(base, stack)
         opened: list[tuple[int, Inputs]] = []
-        # (a batch shows its models being opened: each is a pickle to read, about 0.1 s)
+        # (a batch shows its models being opened: 12-15 ms each from the page cache, more
+        # from a cold disk, and a batch may name many)
         with progress_bar(len(paths), "opening", options.progress and many,
                           unit="model") as bar:  # fmt: skip
             for i, path in enumerate(paths):
